@@ -1,0 +1,202 @@
+"""The iSeg pipeline: frames + class sets → maps, label masks and presence scores (ISEG_SPEC §1–7)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from engine.attention_capture import (AttentionRecorder, StopUNet, install_fast, install_naive,
+                                      naive_to_recorder, resolve_self_heads)
+from engine.clustering import cluster_means, kl_kmeans
+from engine.cross_maps import CrossLevel, class_columns, raw_token_maps, token_maps
+from engine.ent_self import entropy_reduced_transition
+from engine.errors import InputError
+from engine.interactive import box_column, point_columns, prompt_mask
+from engine.masks import class_maps, label_mask
+from engine.model_loader import LoadedModel, load_model
+from engine.preprocess import check_frame, frames_to_batch
+from engine.presence import presence_scores
+from engine.refine import refine
+from engine.results import ClassSet, SegmentResult
+from engine.settings import IsegSettings
+from engine.text_cache import TextEmbeddingCache, TextEntry
+
+log = logging.getLogger("engine.segmenter")
+
+
+class Segmenter:
+    """A loaded model with its capture processors installed, ready for batches of frames.
+
+    Everything that does not change per frame (processors, fixed noise, timestep, text
+    embeddings) is set up once here; `segment` runs one VAE encode and one (truncated)
+    UNet forward for the whole batch.
+    """
+
+    def __init__(self, model: LoadedModel, settings: IsegSettings | None = None, cache_dir: Path | None = None) -> None:
+        self.model = model
+        self.settings = settings or IsegSettings()
+        side = self.settings.size // model.vae_scale
+        self.latent_hw = (side, side)
+        self._latent_ref = [self.latent_hw]
+        self.self_heads = resolve_self_heads(model.unet, self.settings.self_heads, model.family)
+        self.recorder = AttentionRecorder()
+        install_fast(model.unet, self.recorder, self.self_heads, self._latent_ref)
+        self.text_cache = TextEmbeddingCache(self._encode_text, model.tokenizer, model.fingerprint,
+                                             self.settings.enhance, cache_dir, model.device)
+        generator = torch.Generator("cpu").manual_seed(self.settings.seed)
+        channels = model.vae.config.latent_channels
+        self._noise = torch.randn((1, channels, *self.latent_hw), generator=generator).to(model.device, model.dtype)
+        self._timestep = torch.tensor(self.settings.timestep, device=model.device)
+        self._empty_embedding: torch.Tensor | None = None
+
+    @classmethod
+    def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
+             settings: IsegSettings | None = None, cache_dir: Path | None = None) -> "Segmenter":
+        """Load a local model folder and set the method up on it."""
+        return cls(load_model(model_dir, device=device, dtype=dtype), settings, cache_dir)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the text side of the model (what the embedding cache is keyed by)."""
+        return self.model.fingerprint
+
+    def prepare(self, class_set: ClassSet) -> TextEntry:
+        """Compute (or fetch) the Cat-Cross embedding of a class set ahead of the first frame."""
+        return self.text_cache.get(class_set)
+
+    @torch.no_grad()
+    def _encode_text(self, input_ids: list[int]) -> torch.Tensor:
+        ids = torch.tensor([input_ids], device=self.model.device)
+        return self.model.text_encoder(ids).last_hidden_state[0]
+
+    def _sync(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
+    @torch.no_grad()
+    def encode(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        """z_t [B, C, h, w]: VAE posterior mean × scaling factor, plus the fixed seeded noise at t."""
+        pixels = frames_to_batch(list(frames), self.settings.size).to(self.model.device, self.model.dtype)
+        z0 = self.model.vae.encode(pixels).latent_dist.mean * self.model.vae.config.scaling_factor
+        noise = self._noise.expand_as(z0)
+        return self.model.scheduler.add_noise(z0, noise, self._timestep.reshape(1).cpu()).to(self.model.dtype)
+
+    @torch.no_grad()
+    def attention(self, latents: torch.Tensor, embeddings: torch.Tensor) -> AttentionRecorder:
+        """One UNet forward that stops after the last read layer; the recorder holds the head means."""
+        self.recorder.reset()
+        try:
+            self.model.unet(latents, self._timestep, encoder_hidden_states=embeddings)
+        except StopUNet:
+            pass
+        missing = {"coarse", "mid", "self"} - set(self.recorder.sums)
+        if missing:
+            raise RuntimeError(f"the UNet forward did not reach the read layers {sorted(missing)}")
+        return self.recorder
+
+    @torch.no_grad()
+    def naive_attention(self, latents: torch.Tensor, embeddings: torch.Tensor) -> AttentionRecorder:
+        """The reference path: every layer's per-head probabilities kept, the whole UNet run."""
+        store: dict[str, torch.Tensor] = {}
+        install_naive(self.model.unet, store)
+        try:
+            self.model.unet(latents, self._timestep, encoder_hidden_states=embeddings)
+        finally:
+            install_fast(self.model.unet, self.recorder, self.self_heads, self._latent_ref)
+        return naive_to_recorder(store, self.self_heads, self.latent_hw)
+
+    def _levels(self, recorder: AttentionRecorder) -> list[CrossLevel]:
+        coarse_weight, mid_weight = self.settings.cross_weights
+        return [CrossLevel(recorder.mean("coarse"), recorder.hw["coarse"], coarse_weight),
+                CrossLevel(recorder.mean("mid"), recorder.hw["mid"], mid_weight)]
+
+    def _check(self, frames: Sequence[np.ndarray], class_sets: ClassSet | Sequence[ClassSet]) -> list[ClassSet]:
+        if not frames:
+            raise InputError("frames: the batch is empty")
+        for index, frame in enumerate(frames):
+            check_frame(frame, f"frame {index}")
+        if isinstance(class_sets, ClassSet):
+            return [class_sets] * len(frames)
+        sets = list(class_sets)
+        if len(sets) != len(frames):
+            raise InputError(f"class_sets: {len(sets)} class sets for {len(frames)} frames; give one, or one per frame")
+        return sets
+
+    @torch.no_grad()
+    def segment(self, frames: Sequence[np.ndarray], class_sets: ClassSet | Sequence[ClassSet],
+                naive: bool = False) -> list[SegmentResult]:
+        """Segment a batch; `naive=True` takes the reference capture path (for benchmarks and tests)."""
+        sets = self._check(frames, class_sets)
+        entries = [self.text_cache.get(class_set) for class_set in sets]
+        start = time.perf_counter()
+        latents = self.encode(frames)
+        self._sync()
+        after_vae = time.perf_counter()
+        embeddings = torch.stack([entry.embedding for entry in entries]).to(self.model.dtype)
+        recorder = (self.naive_attention if naive else self.attention)(latents, embeddings)
+        self._sync()
+        after_unet = time.perf_counter()
+        levels = self._levels(recorder)
+        c_all = token_maps(levels, self.latent_hw)
+        raw_all = raw_token_maps(levels, self.latent_hw)
+        transitions = entropy_reduced_transition(recorder.mean("self"), self.settings.ent)
+        refined = []
+        for index, entry in enumerate(entries):
+            c = c_all[index]
+            if self.settings.cluster:
+                c = cluster_means(c, kl_kmeans(c, self.latent_hw, self.settings.cluster_seeds, self.settings.cluster_iters))
+            refined.append(refine(transitions[index], class_columns(c, entry.spans), self.settings.iters))
+        self._sync()
+        after_refine = time.perf_counter()
+        results = []
+        for index, (frame, class_set, entry) in enumerate(zip(frames, sets, entries)):
+            maps = class_maps(refined[index], self.latent_hw, self.settings.size, frame.shape[:2])
+            labels = label_mask(maps, self.settings.background_mode, self.settings.bg_threshold)
+            presence = presence_scores(raw_all[index], entry.spans)
+            results.append(SegmentResult(classes=class_set.classes, labels=labels.cpu().numpy(),
+                                         maps=maps.cpu().numpy().astype(np.float32),
+                                         presence=presence.cpu().numpy().astype(np.float32)))
+        end = time.perf_counter()
+        per_frame = 1000.0 / len(frames)
+        timings = {"vae_ms": (after_vae - start) * per_frame, "unet_ms": (after_unet - after_vae) * per_frame,
+                   "refine_ms": (after_refine - after_unet) * per_frame, "masks_ms": (end - after_refine) * per_frame,
+                   "total_ms": (end - start) * per_frame}
+        for result in results:
+            result.timings_ms = dict(timings)
+        return results
+
+    def _empty_prompt(self) -> torch.Tensor:
+        if self._empty_embedding is None:
+            tokenizer = self.model.tokenizer
+            ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, truncation=True)["input_ids"]
+            self._empty_embedding = self._encode_text(list(ids))
+        return self._empty_embedding
+
+    @torch.no_grad()
+    def segment_prompt(self, frame: np.ndarray, points: Sequence[tuple[float, float]] | None = None,
+                       box: tuple[float, float, float, float] | None = None,
+                       scribble: Sequence[tuple[float, float]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Interactive modes (ISEG_SPEC §7): exactly one of a point list, a box or a scribble.
+
+        Returns (mask uint8 [H, W] with 1 = selected, map float32 [H, W] in [0, 1]).
+        """
+        given = [name for name, value in (("points", points), ("box", box), ("scribble", scribble)) if value]
+        if len(given) != 1:
+            raise InputError("give exactly one of points, box or scribble")
+        check_frame(frame)
+        frame_hw = frame.shape[:2]
+        if box is not None:
+            x0 = box_column(box, frame_hw, self.latent_hw)
+        else:
+            x0 = point_columns(list(points or scribble or []), frame_hw, self.latent_hw)
+        latents = self.encode([frame])
+        recorder = self.attention(latents, self._empty_prompt()[None].to(self.model.dtype))
+        transition = entropy_reduced_transition(recorder.mean("self")[0], self.settings.ent)
+        refined = refine(transition, x0.to(transition.device), self.settings.iters).mean(dim=1, keepdim=True)
+        refined_map = class_maps(refined, self.latent_hw, self.settings.size, frame_hw)[0]
+        return prompt_mask(refined_map).cpu().numpy(), refined_map.cpu().numpy().astype(np.float32)
