@@ -1,0 +1,254 @@
+"""Engine subcommands of `iseg`: segment, eval, bench, make-tiny-model.
+
+`register(subparsers)` adds them to the product's parser (daemon.cli); each sets
+`args.func(args) -> exit code`. Method options default to None so that a YAML
+`--config` can set them and the command line still wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from engine.errors import EngineError, InputError, SettingsError
+from engine.settings import IsegSettings, parse_self_heads
+
+log = logging.getLogger("engine.cli")
+
+SETTING_OPTIONS = ("size", "timestep", "seed", "enhance", "ent", "iters", "cluster", "self_heads", "background", "bg_context")
+RUN_OPTIONS = ("model", "device", "dtype", "classes", "out", "save_maps", "batch_size", "cache_dir")
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("method (defaults: ISEG_SPEC)")
+    group.add_argument("--size", type=int, help="square input size the frame is resized to (multiple of 64; 512)")
+    group.add_argument("--timestep", type=int, help="diffusion timestep t of the single UNet pass (100)")
+    group.add_argument("--seed", type=int, help="seed of the fixed noise (1101)")
+    group.add_argument("--enhance", type=float, help="Cat-Cross factor on class tokens (1.6)")
+    group.add_argument("--ent", type=float, help="Ent-Self entropy step (0.1)")
+    group.add_argument("--iters", type=int, help="refinement iterations (10)")
+    group.add_argument("--cluster", dest="cluster", action="store_true", default=None, help="KL k-means smoothing (default on)")
+    group.add_argument("--no-cluster", dest="cluster", action="store_false", help="skip the KL k-means smoothing")
+    group.add_argument("--self-heads", dest="self_heads", help="self-attention heads: all | auto | 1,2 (auto)")
+    group.add_argument("--background", help="threshold:0.45 | power (threshold:0.45)")
+    group.add_argument("--bg-context", dest="bg_context", help="background words appended to the prompt")
+    parser.add_argument("--model", help="local diffusers Stable Diffusion folder")
+    parser.add_argument("--device", help="cpu | cuda | cuda:N (cpu)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="weights dtype (float32)")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, help="frames per UNet batch (4)")
+    parser.add_argument("--cache-dir", dest="cache_dir", help="text-embedding cache folder (~/.cache/iseg)")
+    parser.add_argument("--config", help="YAML file with the same keys as these options")
+
+
+def _load_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise SettingsError(f"--config: cannot read {path} ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise SettingsError(f"--config: {path} is not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"--config: {path} must hold a mapping of option: value")
+    config = {str(key).replace("-", "_"): value for key, value in data.items()}
+    known = set(SETTING_OPTIONS) | set(RUN_OPTIONS)
+    for key in config:
+        if key not in known:
+            raise SettingsError(f"{path}: {key}: unknown key (known: {', '.join(sorted(known))})")
+    return config
+
+
+def resolve_options(args: argparse.Namespace) -> tuple[IsegSettings, dict[str, Any]]:
+    """Settings and run options: config file first, then whatever the command line gave."""
+    config = _load_config(getattr(args, "config", None))
+    merged = dict(config)
+    for key in SETTING_OPTIONS + RUN_OPTIONS:
+        value = getattr(args, key, None)
+        if value is not None:
+            merged[key] = value
+    if isinstance(merged.get("self_heads"), str):
+        merged["self_heads"] = parse_self_heads(merged["self_heads"])
+    if isinstance(merged.get("self_heads"), int):
+        merged["self_heads"] = (merged["self_heads"],)
+    settings = IsegSettings.from_mapping({k: merged[k] for k in SETTING_OPTIONS if k in merged}, where="settings")
+    run = {k: merged.get(k) for k in RUN_OPTIONS}
+    run["device"] = run["device"] or "cpu"
+    run["dtype"] = run["dtype"] or "float32"
+    run["batch_size"] = int(run["batch_size"] or 4)
+    if run["batch_size"] < 1:
+        raise SettingsError(f"--batch-size: {run['batch_size']} must be >= 1")
+    if not run["model"]:
+        raise SettingsError("--model: give a local diffusers Stable Diffusion folder (or `model:` in --config)")
+    return settings, run
+
+
+def default_cache_dir() -> Path:
+    """~/.cache/iseg unless ISEG_CACHE_DIR or XDG_CACHE_HOME say otherwise."""
+    if os.environ.get("ISEG_CACHE_DIR"):
+        return Path(os.environ["ISEG_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "iseg"
+
+
+def _parse_classes(value: Any) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    if not value:
+        raise InputError("--classes: give the class names, comma-separated, e.g. --classes scratch,dent")
+    return tuple(part for part in str(value).split(","))
+
+
+def _load_segmenter(settings: IsegSettings, run: dict[str, Any]):
+    from engine.segmenter import Segmenter
+    cache_dir = Path(run["cache_dir"]) if run["cache_dir"] else default_cache_dir()
+    return Segmenter.load(run["model"], device=run["device"], dtype=run["dtype"], settings=settings, cache_dir=cache_dir)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Segment image files and write mask, overlay, JSON (and maps) per image."""
+    from engine.image_io import read_image, write_png
+    from engine.overlay import overlay
+    from engine.preprocess import check_frame
+    from engine.results import ClassSet
+
+    settings, run = resolve_options(args)
+    class_set = ClassSet(_parse_classes(run["classes"]), settings.bg_context)
+    out_dir = Path(run["out"] or "out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    segmenter = _load_segmenter(settings, run)
+    segmenter.prepare(class_set)
+    failures = 0
+    pending: list[tuple[Path, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        results = segmenter.segment([image for _, image in pending], class_set)
+        for (path, image), result in zip(pending, results):
+            stem = out_dir / path.stem
+            write_png(stem.with_name(path.stem + ".mask.png"), result.labels)
+            write_png(stem.with_name(path.stem + ".overlay.png"), overlay(image, result.labels))
+            record = {"image": str(path), "size": [int(image.shape[1]), int(image.shape[0])],
+                      "classes": list(result.classes), "presence": result.presence_by_class(),
+                      "area": {name: float((result.labels == k + 1).mean()) for k, name in enumerate(result.classes)},
+                      "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()}}
+            stem.with_name(path.stem + ".json").write_text(json.dumps(record, indent=2) + "\n")
+            if run["save_maps"]:
+                np.save(stem.with_name(path.stem + ".maps.npy"), result.maps.astype(np.float32))
+            print(f"{path} -> {stem}.mask.png, .overlay.png, .json"
+                  + (", .maps.npy" if run["save_maps"] else "") + f"  ({result.timings_ms['total_ms']:.0f} ms)")
+        pending.clear()
+
+    for name in args.images:
+        path = Path(name)
+        try:
+            image = read_image(path)
+            check_frame(image, str(path))
+        except InputError as error:
+            failures += 1
+            print(f"error: {error}", file=sys.stderr)
+            continue
+        pending.append((path, image))
+        if len(pending) >= run["batch_size"]:
+            flush()
+    flush()
+    done = len(args.images) - failures
+    print(f"segmented {done} of {len(args.images)} images into {out_dir}/")
+    return 0 if failures == 0 else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """mIoU on a folder of images/, masks/ and classes.txt (pseudo-mask protocol)."""
+    from engine.evaluate import evaluate, format_table
+
+    settings, run = resolve_options(args)
+    segmenter = _load_segmenter(settings, run)
+    report = evaluate(segmenter, Path(args.data), batch_size=run["batch_size"], progress=not args.quiet)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Per-stage timings, frames/s and peak memory, fast path against the naive path."""
+    from engine.bench import run_bench
+
+    settings, run = resolve_options(args)
+    segmenter = _load_segmenter(settings, run)
+    report = run_bench(segmenter, frames=args.frames, batches=tuple(args.batches), naive=not args.no_naive)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    """Build a tiny random-weight SD-topology model folder (tests and the demo use it)."""
+    from engine.tiny_model import build_tiny_model
+
+    report = build_tiny_model(Path(args.dir), family=args.family, seed=args.seed)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the engine's subcommands to the product's argparse subparsers."""
+    segment = subparsers.add_parser("segment", help="segment image files with iSeg")
+    segment.add_argument("images", nargs="+", help="image files (PNG, JPEG, …; gray/RGBA/16-bit accepted)")
+    segment.add_argument("--classes", help="comma-separated class names, e.g. scratch,dent")
+    segment.add_argument("--out", help="output folder (out)")
+    segment.add_argument("--save-maps", dest="save_maps", action="store_true", default=None,
+                         help="also write <stem>.maps.npy, float32 [K,H,W]")
+    _add_method_options(segment)
+    segment.set_defaults(func=cmd_segment)
+
+    evaluate = subparsers.add_parser("eval", help="mIoU on images/, masks/, classes.txt")
+    evaluate.add_argument("--data", required=True, help="folder with images/, masks/ (indexed PNG, 255 = ignore), classes.txt")
+    evaluate.add_argument("--json", help="write the report as JSON here")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_method_options(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    bench = subparsers.add_parser("bench", help="benchmark the engine (JSON)")
+    bench.add_argument("--json", help="write the JSON report here")
+    bench.add_argument("--frames", type=int, default=8, help="frames per measurement (8)")
+    bench.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes (1 4)")
+    bench.add_argument("--no-naive", action="store_true", help="skip the naive capture-everything path")
+    _add_method_options(bench)
+    bench.set_defaults(func=cmd_bench)
+
+    tiny = subparsers.add_parser("make-tiny-model", help="build a tiny random-weight SD model folder")
+    tiny.add_argument("dir", help="output folder")
+    tiny.add_argument("--family", choices=("sd15", "sd21"), default="sd21")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m engine.cli`: the engine commands alone (the product uses daemon.cli)."""
+    parser = argparse.ArgumentParser(prog="iseg")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except EngineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
