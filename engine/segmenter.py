@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from engine.attention_capture import (AttentionRecorder, StopUNet, install_fast, install_naive,
-                                      naive_to_recorder, resolve_self_heads)
+from engine.attention_capture import AttentionRecorder
 from engine.clustering import cluster_means, kl_kmeans
 from engine.cross_maps import CrossLevel, class_columns, raw_token_maps, token_maps
 from engine.ent_self import entropy_reduced_transition
@@ -25,27 +24,28 @@ from engine.refine import refine
 from engine.results import ClassSet, SegmentResult
 from engine.settings import IsegSettings
 from engine.text_cache import TextEmbeddingCache, TextEntry
+from engine.torch_backend import TorchBackend
 
 log = logging.getLogger("engine.segmenter")
 
 
 class Segmenter:
-    """A loaded model with its capture processors installed, ready for batches of frames.
+    """A loaded model and an attention backend, ready for batches of frames.
 
     Everything that does not change per frame (processors, fixed noise, timestep, text
     embeddings) is set up once here; `segment` runs one VAE encode and one (truncated)
-    UNet forward for the whole batch.
+    UNet forward for the whole batch. The backend (torch, or ONNX Runtime) only has to
+    encode frames and return the head-mean attention of the read layers.
     """
 
-    def __init__(self, model: LoadedModel, settings: IsegSettings | None = None, cache_dir: Path | None = None) -> None:
+    def __init__(self, model: LoadedModel, settings: IsegSettings | None = None, cache_dir: Path | None = None,
+                 backend: Any = None) -> None:
         self.model = model
         self.settings = settings or IsegSettings()
         side = self.settings.size // model.vae_scale
         self.latent_hw = (side, side)
-        self._latent_ref = [self.latent_hw]
-        self.self_heads = resolve_self_heads(model.unet, self.settings.self_heads, model.family)
-        self.recorder = AttentionRecorder()
-        install_fast(model.unet, self.recorder, self.self_heads, self._latent_ref)
+        self.torch_backend = TorchBackend(model, self.settings, self.latent_hw)
+        self.backend = backend(model, self.settings, self.latent_hw) if backend is not None else self.torch_backend
         self.text_cache = TextEmbeddingCache(self._encode_text, model.tokenizer, model.fingerprint,
                                              self.settings.enhance, cache_dir, model.device)
         generator = torch.Generator("cpu").manual_seed(self.settings.seed)
@@ -56,9 +56,20 @@ class Segmenter:
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
-             settings: IsegSettings | None = None, cache_dir: Path | None = None) -> "Segmenter":
-        """Load a local model folder and set the method up on it."""
-        return cls(load_model(model_dir, device=device, dtype=dtype), settings, cache_dir)
+             settings: IsegSettings | None = None, cache_dir: Path | None = None,
+             backend: str = "torch", onnx_dir: Path | None = None) -> "Segmenter":
+        """Load a local model folder and set the method up on it.
+
+        backend "onnx" runs the VAE encoder and the attention graph exported by
+        `iseg export-onnx` (from `onnx_dir`) with ONNX Runtime instead of torch.
+        """
+        model = load_model(model_dir, device=device, dtype=dtype)
+        if backend == "torch":
+            return cls(model, settings, cache_dir)
+        if backend == "onnx":
+            from engine.onnx_backend import onnx_backend_factory
+            return cls(model, settings, cache_dir, backend=onnx_backend_factory(onnx_dir))
+        raise InputError(f"backend: {backend!r} must be torch or onnx")
 
     @property
     def fingerprint(self) -> str:
@@ -81,34 +92,15 @@ class Segmenter:
     @torch.no_grad()
     def encode(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
         """z_t [B, C, h, w]: VAE posterior mean × scaling factor, plus the fixed seeded noise at t."""
-        pixels = frames_to_batch(list(frames), self.settings.size).to(self.model.device, self.model.dtype)
-        z0 = self.model.vae.encode(pixels).latent_dist.mean * self.model.vae.config.scaling_factor
-        noise = self._noise.expand_as(z0)
-        return self.model.scheduler.add_noise(z0, noise, self._timestep.reshape(1).cpu()).to(self.model.dtype)
+        z0 = self.backend.encode(frames_to_batch(list(frames), self.settings.size))
+        noise = self._noise.to(z0.device, z0.dtype).expand_as(z0)
+        return self.model.scheduler.add_noise(z0, noise, self._timestep.reshape(1).cpu()).to(z0.dtype)
 
-    @torch.no_grad()
-    def attention(self, latents: torch.Tensor, embeddings: torch.Tensor) -> AttentionRecorder:
-        """One UNet forward that stops after the last read layer; the recorder holds the head means."""
-        self.recorder.reset()
-        try:
-            self.model.unet(latents, self._timestep, encoder_hidden_states=embeddings)
-        except StopUNet:
-            pass
-        missing = {"coarse", "mid", "self"} - set(self.recorder.sums)
-        if missing:
-            raise RuntimeError(f"the UNet forward did not reach the read layers {sorted(missing)}")
-        return self.recorder
-
-    @torch.no_grad()
-    def naive_attention(self, latents: torch.Tensor, embeddings: torch.Tensor) -> AttentionRecorder:
-        """The reference path: every layer's per-head probabilities kept, the whole UNet run."""
-        store: dict[str, torch.Tensor] = {}
-        install_naive(self.model.unet, store)
-        try:
-            self.model.unet(latents, self._timestep, encoder_hidden_states=embeddings)
-        finally:
-            install_fast(self.model.unet, self.recorder, self.self_heads, self._latent_ref)
-        return naive_to_recorder(store, self.self_heads, self.latent_hw)
+    def attention(self, latents: torch.Tensor, embeddings: torch.Tensor, naive: bool = False) -> AttentionRecorder:
+        """Head-mean attention of the read layers for one batch (naive: the reference torch path)."""
+        if naive:
+            return self.torch_backend.naive_attention(latents, self._timestep, embeddings)
+        return self.backend.attention(latents, self._timestep, embeddings)
 
     def _levels(self, recorder: AttentionRecorder) -> list[CrossLevel]:
         coarse_weight, mid_weight = self.settings.cross_weights
@@ -138,7 +130,7 @@ class Segmenter:
         self._sync()
         after_vae = time.perf_counter()
         embeddings = torch.stack([entry.embedding for entry in entries]).to(self.model.dtype)
-        recorder = (self.naive_attention if naive else self.attention)(latents, embeddings)
+        recorder = self.attention(latents, embeddings, naive=naive)
         self._sync()
         after_unet = time.perf_counter()
         levels = self._levels(recorder)

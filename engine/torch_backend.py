@@ -1,0 +1,54 @@
+"""The PyTorch backend: VAE encode and the truncated, attention-capturing UNet forward."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention_capture import (AttentionRecorder, StopUNet, install_fast, install_naive,
+                                      naive_to_recorder, resolve_self_heads)
+from engine.model_loader import LoadedModel
+from engine.settings import IsegSettings
+
+
+class TorchBackend:
+    """Runs the diffusers modules with capture processors on the read layers only."""
+
+    name = "torch"
+
+    def __init__(self, model: LoadedModel, settings: IsegSettings, latent_hw: tuple[int, int]) -> None:
+        self.model = model
+        self.latent_hw = latent_hw
+        self._latent_ref = [latent_hw]
+        self.self_heads = resolve_self_heads(model.unet, settings.self_heads, model.family)
+        self.recorder = AttentionRecorder()
+        install_fast(model.unet, self.recorder, self.self_heads, self._latent_ref)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """z0 = VAE posterior mean × scaling factor, for pixels [B, 3, H, W] in [-1, 1]."""
+        pixels = pixels.to(self.model.device, self.model.dtype)
+        return self.model.vae.encode(pixels).latent_dist.mean * self.model.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def attention(self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> AttentionRecorder:
+        """One UNet forward that stops after the last read layer; the recorder holds the head means."""
+        self.recorder.reset()
+        try:
+            self.model.unet(latents, timestep, encoder_hidden_states=embeddings)
+        except StopUNet:
+            pass
+        missing = {"coarse", "mid", "self"} - set(self.recorder.sums)
+        if missing:
+            raise RuntimeError(f"the UNet forward did not reach the read layers {sorted(missing)}")
+        return self.recorder
+
+    @torch.no_grad()
+    def naive_attention(self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> AttentionRecorder:
+        """The reference path: every layer's per-head probabilities kept, the whole UNet run."""
+        store: dict[str, torch.Tensor] = {}
+        install_naive(self.model.unet, store)
+        try:
+            self.model.unet(latents, timestep, encoder_hidden_states=embeddings)
+        finally:
+            install_fast(self.model.unet, self.recorder, self.self_heads, self._latent_ref)
+        return naive_to_recorder(store, self.self_heads, self.latent_hw)
