@@ -1,0 +1,111 @@
+"""End to end on tiny models: `iseg segment` outputs, determinism, batching, both SD families."""
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.image_io import read_image
+from engine.results import ClassSet
+from engine.segmenter import Segmenter
+from engine.settings import IsegSettings
+from engine.samples_index import sample_paths
+from tests.engine_cli import run_iseg
+
+pytestmark = pytest.mark.slow
+
+SMALL = IsegSettings(size=256)
+
+
+def test_segment_writes_every_output(tiny_sd21, tmp_path):
+    images = sample_paths()
+    out = tmp_path / "out"
+    result = run_iseg("segment", *map(str, images), "--model", str(tiny_sd21), "--classes", "scratch,fire hydrant",
+                      "--out", str(out), "--save-maps", "--size", "256", cache_dir=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    for image_path in images:
+        image = read_image(image_path)
+        mask = read_image(out / f"{image_path.stem}.mask.png")
+        assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
+        assert set(np.unique(mask)) <= {0, 1, 2}
+        overlay = read_image(out / f"{image_path.stem}.overlay.png")
+        assert overlay.shape == image.shape
+        record = json.loads((out / f"{image_path.stem}.json").read_text())
+        assert record["classes"] == ["scratch", "fire hydrant"]
+        assert set(record["presence"]) == {"scratch", "fire hydrant"}
+        assert all(0.0 <= v <= 1.0 for v in record["presence"].values())
+        assert {"vae_ms", "unet_ms", "refine_ms", "total_ms"} <= set(record["timings_ms"])
+        maps = np.load(out / f"{image_path.stem}.maps.npy")
+        assert maps.dtype == np.float32 and maps.shape == (2, *image.shape[:2])
+        assert maps.min() >= 0 and maps.max() <= 1
+    assert str(out) in result.stdout
+
+
+def test_same_input_twice_gives_identical_outputs(tiny_sd21, tmp_path):
+    image = str(sample_paths()[0])
+    outs = []
+    for run in range(2):
+        out = tmp_path / f"run{run}"
+        result = run_iseg("segment", image, "--model", str(tiny_sd21), "--classes", "scratch,dent", "--out", str(out),
+                          "--save-maps", "--size", "256", cache_dir=tmp_path / f"cache{run}")
+        assert result.returncode == 0, result.stderr
+        outs.append(out)
+    stem = sample_paths()[0].stem
+    assert (outs[0] / f"{stem}.mask.png").read_bytes() == (outs[1] / f"{stem}.mask.png").read_bytes()
+    assert np.array_equal(np.load(outs[0] / f"{stem}.maps.npy"), np.load(outs[1] / f"{stem}.maps.npy"))
+
+
+@pytest.mark.parametrize("family", ["sd21", "sd15"])
+def test_batch_of_four_equals_four_single_runs(family, tiny_sd21, tiny_sd15, tmp_path):
+    model = tiny_sd21 if family == "sd21" else tiny_sd15
+    segmenter = Segmenter.load(model, settings=SMALL, cache_dir=tmp_path)
+    frames = [read_image(p) for p in sample_paths()] + [read_image(sample_paths()[0])[::-1].copy()]
+    classes = ClassSet(("scratch", "dent"), "metal surface, table, background")
+    batched = segmenter.segment(frames, classes)
+    for frame, together in zip(frames, batched):
+        alone = segmenter.segment([frame], classes)[0]
+        assert np.mean(alone.labels == together.labels) >= 0.999
+        assert np.abs(alone.maps - together.maps).max() < 1e-3
+        assert np.allclose(alone.presence, together.presence, atol=1e-6)
+
+
+def test_sd15_and_sd21_families_are_recognised(tiny_sd21, tiny_sd15, tmp_path):
+    sd21 = Segmenter.load(tiny_sd21, settings=SMALL, cache_dir=tmp_path)
+    sd15 = Segmenter.load(tiny_sd15, settings=SMALL, cache_dir=tmp_path)
+    assert sd21.model.family == "sd2" and sd21.torch_backend.self_heads == [1, 2]
+    assert sd15.model.family == "sd1" and sd15.torch_backend.self_heads is None
+    frame = read_image(sample_paths()[1])
+    for segmenter in (sd21, sd15):
+        result = segmenter.segment([frame], ClassSet(("dent",)))[0]
+        assert result.labels.shape == frame.shape[:2]
+
+
+def test_per_frame_class_sets_in_one_batch(tiny_sd21, tmp_path):
+    segmenter = Segmenter.load(tiny_sd21, settings=SMALL, cache_dir=tmp_path)
+    frames = [read_image(p) for p in sample_paths()[:2]]
+    sets = [ClassSet(("scratch",)), ClassSet(("dent", "crack", "stain"))]
+    results = segmenter.segment(frames, sets)
+    assert [r.maps.shape[0] for r in results] == [1, 3]
+    alone = segmenter.segment([frames[1]], sets[1])[0]
+    assert np.mean(alone.labels == results[1].labels) >= 0.999
+
+
+def test_fast_path_matches_the_naive_capture_everything_path(tiny_sd21, tmp_path):
+    segmenter = Segmenter.load(tiny_sd21, settings=SMALL, cache_dir=tmp_path)
+    frame = read_image(sample_paths()[0])
+    classes = ClassSet(("scratch", "dent"))
+    fast = segmenter.segment([frame], classes)[0]
+    naive = segmenter.segment([frame], classes, naive=True)[0]
+    assert np.mean(fast.labels == naive.labels) >= 0.999
+    assert np.abs(fast.maps - naive.maps).max() < 1e-3
+
+
+def test_interactive_point_box_and_scribble(tiny_sd21, tmp_path):
+    segmenter = Segmenter.load(tiny_sd21, settings=SMALL, cache_dir=tmp_path)
+    frame = read_image(sample_paths()[1])
+    h, w = frame.shape[:2]
+    for kwargs in ({"points": [(300, 200)]}, {"box": (250, 150, 350, 250)}, {"scribble": [(280, 190), (320, 210)]}):
+        mask, refined = segmenter.segment_prompt(frame, **kwargs)
+        assert mask.shape == (h, w) and refined.shape == (h, w)
+        assert 0 < mask.sum() < h * w
+        assert set(np.unique(mask)) <= {0, 1}
