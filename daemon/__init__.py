@@ -1,0 +1,1 @@
+"""The inspection service around the engine: capture, worker, publisher, recorder, supervisor."""

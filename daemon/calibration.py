@@ -1,0 +1,121 @@
+"""Per-class thresholds from known-good frames, and the threshold the worker applies.
+
+iSeg's maps are min-max normalised, so a mask appears even on a good part; only the
+presence score says whether a class is really there. Calibration runs N known-good
+frames, keeps each class's score distribution and sets threshold = quantile + margin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from daemon.config import CameraConfig, ConfigError, DaemonConfig
+
+
+def calibration_file(config: DaemonConfig, camera_id: str) -> Path:
+    """Where a camera's calibration lives in the state dir."""
+    return config.state_path / "calibration" / f"{camera_id}.json"
+
+
+def summarise(scores: np.ndarray, classes: tuple[str, ...], quantile: float, margin: float) -> dict[str, Any]:
+    """Distribution and threshold per class from an [N, K] array of presence scores."""
+    result: dict[str, Any] = {}
+    for k, name in enumerate(classes):
+        column = scores[:, k].astype(np.float64)
+        q = float(np.quantile(column, quantile))
+        counts, edges = np.histogram(column, bins=20, range=(0.0, 1.0))
+        result[name] = {
+            "threshold": min(1.0, q + margin),
+            "quantile": quantile, "margin": margin, "n": int(column.size),
+            "mean": float(column.mean()), "std": float(column.std()),
+            "min": float(column.min()), "max": float(column.max()),
+            "p50": float(np.quantile(column, 0.5)), "p90": float(np.quantile(column, 0.9)),
+            "p99": float(np.quantile(column, 0.99)),
+            "histogram": {"edges": [round(e, 3) for e in edges.tolist()], "counts": counts.tolist()},
+        }
+    return result
+
+
+def save_calibration(config: DaemonConfig, camera: CameraConfig, scores: np.ndarray, model_fingerprint: str) -> Path:
+    """Write the calibration atomically (tmp + rename) so a worker never reads half a file."""
+    path = calibration_file(config, camera.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"camera": camera.id, "classes": list(camera.classes), "bg_context": camera.bg_context,
+                "model": model_fingerprint, "created": time.time(),
+                "per_class": summarise(scores, camera.classes, config.calibration.quantile, config.calibration.margin)}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def thresholds_for(config: DaemonConfig, camera: CameraConfig) -> dict[str, tuple[float, str]]:
+    """Each class's threshold and where it came from: the camera's config (an explicit
+    override) wins, then a calibration for this exact class set, then alerts.default_threshold."""
+    calibrated: dict[str, float] = {}
+    path = calibration_file(config, camera.id)
+    if path.is_file():
+        try:
+            document = json.loads(path.read_text())
+        except ValueError:
+            document = {}
+        if document.get("classes") == list(camera.classes) and document.get("bg_context") == camera.bg_context:
+            calibrated = {name: float(v["threshold"]) for name, v in document["per_class"].items()}
+    chosen = {}
+    for name in camera.classes:
+        if name in camera.thresholds:
+            chosen[name] = (camera.thresholds[name], "config")
+        elif name in calibrated:
+            chosen[name] = (calibrated[name], "calibration")
+        else:
+            chosen[name] = (config.alerts.default_threshold, "default")
+    return chosen
+
+
+def collect_frames(camera: CameraConfig, count: int, timeout_s: float = 120.0) -> list[np.ndarray]:
+    """N frames straight from the camera (ROI applied), with the capture role's source readers."""
+    from daemon.sources import SourceError, apply_roi, open_source
+
+    source = open_source(camera)
+    source.open()
+    frames: list[np.ndarray] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(frames) < count:
+            if time.monotonic() > deadline:
+                raise SourceError(f"got only {len(frames)} of {count} frames within {timeout_s:g}s")
+            frames.append(apply_roi(source.read(), camera.roi))
+    finally:
+        source.close()
+    return frames
+
+
+def run_calibration(config: DaemonConfig, camera_id: str, count: int, report: Any = print) -> Path:
+    """Segment `count` known-good frames, store the score distribution and thresholds; returns the file."""
+    from daemon.worker import load_segmenter
+
+    camera = config.camera(camera_id)
+    if count < 2:
+        raise ConfigError("--frames: calibrate on at least 2 known-good frames (hundreds are better)")
+    segmenter, class_sets = load_segmenter(config, logging.getLogger("iseg.calibrate"))
+    frames = collect_frames(camera, count)
+    scores = []
+    step = config.worker.batch_size
+    for start in range(0, len(frames), step):
+        batch = frames[start:start + step]
+        results = segmenter.segment(batch, class_sets[camera.id])
+        scores += [r.presence for r in results]
+        report(f"  {start + len(batch)}/{count} frames")
+    path = save_calibration(config, camera, np.stack(scores), segmenter.fingerprint)
+    document = json.loads(path.read_text())
+    for name, stats in document["per_class"].items():
+        report(f"  {name}: mean {stats['mean']:.3f}, p99 {stats['p99']:.3f}, max {stats['max']:.3f} -> threshold {stats['threshold']:.3f}")
+    report(f"calibration written to {path}; restart the workers (or `iseg run`) to use it")
+    return path

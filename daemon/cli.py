@@ -1,0 +1,211 @@
+"""The `iseg` command: the engine's subcommands plus the daemon's.
+
+Daemon commands: run (supervisor), validate-config, capture / worker / publish /
+record (one role each, for split hosts), subscribe, review, calibrate, gen-keys.
+Every expected failure (bad config, bad model folder, unreachable camera) is one line
+on stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from daemon.config import ConfigError, DaemonConfig, load_config
+from daemon.sources import SourceError
+from engine.errors import EngineError
+
+
+def _config(args: argparse.Namespace) -> DaemonConfig:
+    return load_config(args.config)
+
+
+def _role(body: Callable[[DaemonConfig, argparse.Namespace, Any], int]) -> Callable[[argparse.Namespace], int]:
+    """Wrap a role body: load config, set up logging and SIGTERM handling."""
+    def run(args: argparse.Namespace) -> int:
+        from daemon.role import StopFlag, setup_logging
+
+        config = _config(args)
+        setup_logging(config.log_level)
+        return body(config, args, StopFlag().install())
+    return run
+
+
+def cmd_run(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int:
+    from daemon.supervisor import Supervisor
+
+    return Supervisor(config, stop, duration=args.duration).run()
+
+
+def cmd_capture(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int:
+    from daemon.capture import run_capture
+
+    return run_capture(config, args.camera, stop)
+
+
+def cmd_worker(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int:
+    from daemon.worker import run_worker
+
+    return run_worker(config, stop, name=args.name, remote=args.remote)
+
+
+def cmd_publish(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int:
+    from daemon.publisher import run_publisher
+
+    return run_publisher(config, stop)
+
+
+def cmd_record(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int:
+    from daemon.recorder import run_recorder
+
+    return run_recorder(config, stop)
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    from daemon.role import StopFlag
+    from daemon.subscribe import run_subscribe
+
+    return run_subscribe(_config(args), args.topic or [], args.since, args.count, args.duration, StopFlag().install())
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    path = args.file or args.config
+    if not path:
+        raise ConfigError("validate-config: give the config file")
+    config = load_config(path)
+    print(f"{path}: OK ({len(config.cameras)} camera(s): {', '.join(c.id for c in config.cameras)}; "
+          f"model {config.model_path}; state {config.state_path})")
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from daemon.recorder import RecordingStore
+
+    config = _config(args)
+    store = RecordingStore(config.state_path)
+    try:
+        if args.action == "list":
+            rows = store.list(args.limit, args.camera, args.status)
+            for row in rows:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["capture_ts"]))
+                scores = " ".join(f"{name}={row['presence'][name]:.3f}" for name in row["flagged"])
+                print(f"{row['id']:>6}  {when}  {row['camera']:<12} seq {row['seq']:<7} {row['status']:<11} {scores}")
+            if not rows:
+                print("no recordings", file=sys.stderr)
+            return 0
+        if args.id is None:
+            raise ConfigError(f"review {args.action}: give the recording ID")
+        if args.action == "show":
+            record = store.get(args.id)
+            if record is None:
+                raise ConfigError(f"review show: no recording {args.id}")
+            print(json.dumps(record, indent=2))
+            return 0
+        if args.verdict is None:
+            raise ConfigError("review mark: give the verdict: confirmed or false-alarm")
+        if not store.mark(args.id, args.verdict):
+            raise ConfigError(f"review mark: no recording {args.id}")
+        print(f"recording {args.id} marked {args.verdict}")
+        return 0
+    finally:
+        store.close()
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from daemon.calibration import run_calibration
+    from daemon.role import setup_logging
+
+    config = _config(args)
+    setup_logging("WARNING")
+    run_calibration(config, args.camera, args.frames)
+    return 0
+
+
+def cmd_gen_keys(args: argparse.Namespace) -> int:
+    from daemon.security import generate_keys
+
+    for path in generate_keys(Path(args.dir)):
+        print(path)
+    print("give the server's .key to remote workers, keep .key_secret files private; "
+          "put client .key files in sockets.remote.authorized_clients_dir")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `iseg` parser."""
+    parser = argparse.ArgumentParser(prog="iseg", description="Camera inspection with iSeg (training-free segmentation).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    import engine.cli
+
+    engine.cli.register(sub)
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--config", required=True, help="daemon YAML config")
+        return command
+
+    run = with_config("run", "run the daemon: every role, supervised (Ctrl-C or SIGTERM stops it)")
+    run.add_argument("--duration", type=float, help="stop after this many seconds")
+    run.set_defaults(func=_role(cmd_run))
+
+    validate = sub.add_parser("validate-config", help="check a config; exit 0 when valid, 1 with a one-line error")
+    validate.add_argument("file", nargs="?")
+    validate.add_argument("--config", help="the config (same as the positional FILE)")
+    validate.set_defaults(func=cmd_validate)
+
+    capture = with_config("capture", "run one camera's capture role")
+    capture.add_argument("--camera", required=True, help="camera id")
+    capture.set_defaults(func=_role(cmd_capture))
+
+    worker = with_config("worker", "run a detection worker (one per GPU)")
+    worker.add_argument("--name", default="worker.0", help="name in logs and metrics")
+    worker.add_argument("--remote", action="store_true",
+                        help="connect over TCP with CurveZMQ to the host in sockets.remote (a worker on another host)")
+    worker.set_defaults(func=_role(cmd_worker))
+
+    with_config("publish", "run the publisher role").set_defaults(func=_role(cmd_publish))
+    with_config("record", "run the recorder role").set_defaults(func=_role(cmd_record))
+
+    subscribe = with_config("subscribe", "print published messages as JSON lines")
+    subscribe.add_argument("--topic", action="append", help="topic prefix, e.g. alert. or overlay.line1 (repeatable)")
+    subscribe.add_argument("--since", type=int, help="first replay stored alerts with id greater than this")
+    subscribe.add_argument("--count", type=int, help="exit after this many messages")
+    subscribe.add_argument("--duration", type=float, help="exit after this many seconds")
+    subscribe.set_defaults(func=cmd_subscribe)
+
+    review = with_config("review", "list, show and mark recorded frames")
+    review.add_argument("action", choices=("list", "show", "mark"))
+    review.add_argument("id", nargs="?", type=int, help="recording id (show, mark)")
+    review.add_argument("verdict", nargs="?", choices=("confirmed", "false-alarm"), help="for mark")
+    review.add_argument("--limit", type=int, default=50)
+    review.add_argument("--camera")
+    review.add_argument("--status", choices=("unreviewed", "confirmed", "false-alarm"))
+    review.set_defaults(func=cmd_review)
+
+    calibrate = with_config("calibrate", "learn per-class thresholds from known-good frames")
+    calibrate.add_argument("--camera", required=True)
+    calibrate.add_argument("--frames", type=int, default=100)
+    calibrate.set_defaults(func=cmd_calibrate)
+
+    keys = sub.add_parser("gen-keys", help="write CurveZMQ server and client key pairs")
+    keys.add_argument("dir")
+    keys.set_defaults(func=cmd_gen_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `iseg` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, EngineError, SourceError, TimeoutError, OSError, zmq.ZMQError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,175 @@
+"""Counters, gauges and histograms that roles keep and the supervisor serves as Prometheus text.
+
+Each role owns a Registry; its heartbeat carries `snapshot()` (plain JSON) to the
+supervisor, which merges the latest snapshot of every role and renders `/metrics`.
+No client library: the text format is simple and this keeps roles free of globals.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Iterable
+
+LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+
+HELP = {
+    "iseg_capture_frames_total": "Frames read from the camera (sent plus dropped).",
+    "iseg_capture_dropped_frames_total": "Frames dropped because every worker queue was full.",
+    "iseg_capture_reconnects_total": "Reconnect attempts after a camera error or stall.",
+    "iseg_capture_fps": "Frames per second read from the camera over the last seconds.",
+    "iseg_capture_connected": "1 while the camera source is open.",
+    "iseg_worker_frames_total": "Frames segmented by a worker.",
+    "iseg_worker_failed_frames_total": "Frames a worker could not segment (logged, skipped).",
+    "iseg_worker_bad_messages_total": "Messages a worker rejected as malformed.",
+    "iseg_worker_batches_total": "Engine batches run.",
+    "iseg_inference_ms": "Engine milliseconds per frame.",
+    "iseg_worker_ready": "1 once the model is loaded and every class set's embedding is cached.",
+    "iseg_publisher_frames_total": "Frame results published.",
+    "iseg_publisher_failed_frames_total": "Frames reported failed by a worker.",
+    "iseg_publisher_gap_frames_total": "Frames never seen by the publisher (dropped or lost upstream).",
+    "iseg_e2e_latency_ms": "Capture-to-publish milliseconds.",
+    "iseg_alerts_total": "Alerts raised (after debouncing), persisted and published.",
+    "iseg_flagged_frames_total": "Frames with at least one class above its threshold.",
+    "iseg_recorder_frames_total": "Flagged frames written to the state directory.",
+    "iseg_recorder_disk_full_total": "Flagged frames not written because the disk was full.",
+    "iseg_recorder_write_errors_total": "Flagged frames whose write failed.",
+    "iseg_recorder_deleted_total": "Recordings deleted by retention.",
+    "iseg_recorder_missed_total": "Flagged frames the recorder never received (subscriber lag).",
+    "iseg_role_up": "1 while the role's process runs and its heartbeat is fresh.",
+    "iseg_role_restarts_total": "Times the supervisor restarted a role.",
+}
+
+
+def _key(labels: dict[str, str]) -> str:
+    return ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(labels.items()))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Registry:
+    """Thread-safe metric values of one role (the heartbeat thread reads while the loop writes)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[str, dict[str, float]] = {}
+        self._gauges: dict[str, dict[str, float]] = {}
+        self._histograms: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        """Add to a counter."""
+        with self._lock:
+            series = self._counters.setdefault(name, {})
+            key = _key(labels)
+            series[key] = series.get(key, 0.0) + amount
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        """Set a gauge."""
+        with self._lock:
+            self._gauges.setdefault(name, {})[_key(labels)] = float(value)
+
+    def observe(self, name: str, value: float, buckets: Iterable[float] = LATENCY_BUCKETS_MS, **labels: str) -> None:
+        """Record one observation in a histogram."""
+        with self._lock:
+            series = self._histograms.setdefault(name, {})
+            key = _key(labels)
+            hist = series.get(key)
+            if hist is None:
+                bounds = list(buckets)
+                hist = series[key] = {"bounds": bounds, "counts": [0] * len(bounds), "sum": 0.0, "count": 0}
+            for i, bound in enumerate(hist["bounds"]):
+                if value <= bound:
+                    hist["counts"][i] += 1
+            hist["sum"] += value
+            hist["count"] += 1
+
+    def counter(self, name: str, **labels: str) -> float:
+        """Current value of one counter series (0 when never incremented)."""
+        with self._lock:
+            return self._counters.get(name, {}).get(_key(labels), 0.0)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-safe copy of every series."""
+        with self._lock:
+            return {
+                "counters": {n: dict(s) for n, s in self._counters.items()},
+                "gauges": {n: dict(s) for n, s in self._gauges.items()},
+                "histograms": {n: {k: {**h, "counts": list(h["counts"])} for k, h in s.items()}
+                               for n, s in self._histograms.items()},
+            }
+
+
+def merge(snapshots: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Sum counters and histograms across roles (two workers both count frames); gauges: last wins."""
+    merged: dict[str, Any] = {"counters": {}, "gauges": {}, "histograms": {}}
+    for snap in snapshots:
+        for name, series in snap.get("counters", {}).items():
+            target = merged["counters"].setdefault(name, {})
+            for key, value in series.items():
+                target[key] = target.get(key, 0.0) + value
+        for name, series in snap.get("gauges", {}).items():
+            merged["gauges"].setdefault(name, {}).update(series)
+        for name, series in snap.get("histograms", {}).items():
+            target = merged["histograms"].setdefault(name, {})
+            for key, hist in series.items():
+                if key not in target:
+                    target[key] = {**hist, "counts": list(hist["counts"])}
+                else:
+                    into = target[key]
+                    into["counts"] = [a + b for a, b in zip(into["counts"], hist["counts"])]
+                    into["sum"] += hist["sum"]
+                    into["count"] += hist["count"]
+    return merged
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+def render_prometheus(snapshots: Iterable[dict[str, Any]]) -> str:
+    """Prometheus text exposition (version 0.0.4) of the merged snapshots."""
+    merged = merge(snapshots)
+    lines: list[str] = []
+    for kind, section in (("counter", "counters"), ("gauge", "gauges")):
+        for name in sorted(merged[section]):
+            lines.append(f"# HELP {name} {HELP.get(name, name)}")
+            lines.append(f"# TYPE {name} {kind}")
+            for key, value in sorted(merged[section][name].items()):
+                lines.append(f"{name}{{{key}}} {_number(value)}" if key else f"{name} {_number(value)}")
+    for name in sorted(merged["histograms"]):
+        lines.append(f"# HELP {name} {HELP.get(name, name)}")
+        lines.append(f"# TYPE {name} histogram")
+        for key, hist in sorted(merged["histograms"][name].items()):
+            sep = "," if key else ""
+            for bound, count in zip(hist["bounds"], hist["counts"]):
+                lines.append(f'{name}_bucket{{{key}{sep}le="{_number(bound)}"}} {count}')
+            lines.append(f'{name}_bucket{{{key}{sep}le="+Inf"}} {hist["count"]}')
+            suffix = f"{{{key}}}" if key else ""
+            lines.append(f"{name}_sum{suffix} {_number(hist['sum'])}")
+            lines.append(f"{name}_count{suffix} {hist['count']}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_labels(key: str) -> dict[str, str]:
+    """Inverse of the series key, for /stats JSON."""
+    labels = {}
+    for part in filter(None, key.split('",')):
+        name, _, value = part.partition('="')
+        labels[name] = value.rstrip('"').replace('\\"', '"').replace("\\\\", "\\")
+    return labels
+
+
+def quantile_from_histogram(hist: dict[str, Any], q: float) -> float | None:
+    """Upper bound of the bucket holding quantile q (Prometheus-style estimate)."""
+    total = hist["count"]
+    if not total:
+        return None
+    target = q * total
+    for bound, count in zip(hist["bounds"], hist["counts"]):
+        if count >= target:
+            return float(bound)
+    return math.inf

@@ -1,0 +1,357 @@
+"""`iseg run`: starts every role as its own process from one config and keeps them alive.
+
+A role that exits is restarted (with backoff); one that is hung — silent heartbeat, a
+main loop that stopped turning, or an engine batch running past `batch_timeout_s` —
+is killed and restarted. More than `max_restarts` in `restart_window_s` means
+something is deeply wrong: the supervisor stops everything and exits 1 so systemd's
+Restart= takes over. SIGTERM stops the roles in pipeline order (capture first, so
+queued frames still drain through worker and publisher) within `stop_timeout_s`.
+
+systemd hears READY=1 only once the model is loaded, embeddings are cached and a
+first frame went all the way through; WATCHDOG=1 only while every heartbeat is fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from daemon.config import DaemonConfig
+from daemon.health import HealthServer, json_body
+from daemon.metrics import Registry, merge, parse_labels, quantile_from_histogram, render_prometheus
+from daemon.model_setup import ensure_model
+from daemon.role import StopFlag
+from daemon.sdnotify import Notifier
+from daemon.wire import WireError, recv
+
+STOP_ORDER = ("capture", "worker", "publisher", "recorder")
+START_ORDER = ("publisher", "recorder", "worker", "capture")
+
+
+@dataclass
+class RoleProcess:
+    """One supervised role: how to start it and what we last heard from it."""
+
+    name: str
+    role: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    heartbeat: dict[str, Any] | None = None
+    heard_at: float = 0.0
+    restarts: deque[float] = field(default_factory=deque)
+    restart_total: int = 0
+    restart_due: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The running process id, if any."""
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+
+class Supervisor:
+    """Process manager, telemetry sink, health server and systemd notifier in one loop."""
+
+    def __init__(self, config: DaemonConfig, stop: StopFlag, duration: float | None = None) -> None:
+        self.config = config
+        self.stop = stop
+        self.duration = duration
+        self.log = logging.getLogger("iseg.supervisor")
+        self.notifier = Notifier()
+        self.metrics = Registry()
+        self.retired: list[dict[str, Any]] = []
+        self.ready = False
+        self.ready_at: float | None = None
+        self.failed = ""
+        self.last_loop = time.time()
+        self.last_watchdog = 0.0
+        self.phase = "starting"
+        self.stopped_roles = False
+        base = [sys.executable, "-m", "daemon"]
+        config_arg = ["--config", str(Path(config.path).resolve())]
+        self.roles: list[RoleProcess] = [RoleProcess("publisher", "publisher", base + ["publish"] + config_arg)]
+        if config.recorder.enabled:
+            self.roles.append(RoleProcess("recorder", "recorder", base + ["record"] + config_arg))
+        for i in range(config.worker.count):
+            self.roles.append(RoleProcess(f"worker.{i}", "worker", base + ["worker", "--name", f"worker.{i}"] + config_arg))
+        for camera in config.cameras:
+            self.roles.append(RoleProcess(f"capture.{camera.id}", "capture",
+                                          base + ["capture", "--camera", camera.id] + config_arg))
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _spawn(self, role: RoleProcess) -> None:
+        env = {**os.environ, "ISEG_SUPERVISOR_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+        env.pop("NOTIFY_SOCKET", None)
+        role.proc = subprocess.Popen(role.argv, env=env, start_new_session=True)
+        role.started_at = time.time()
+        role.heartbeat = None
+        role.heard_at = 0.0
+        role.restart_due = None
+        self.log.info("started %s (pid %d)", role.name, role.proc.pid)
+
+    def _retire(self, role: RoleProcess) -> None:
+        """Keep a dead instance's counters so /metrics totals survive restarts."""
+        if role.heartbeat is not None:
+            snapshot = role.heartbeat.get("metrics", {})
+            self.retired.append({"counters": snapshot.get("counters", {}), "histograms": snapshot.get("histograms", {})})
+            role.heartbeat = None
+
+    def _schedule_restart(self, role: RoleProcess, reason: str) -> None:
+        now = time.time()
+        self._retire(role)
+        window = self.config.supervisor.restart_window_s
+        while role.restarts and now - role.restarts[0] > window:
+            role.restarts.popleft()
+        if len(role.restarts) >= self.config.supervisor.max_restarts:
+            self.failed = (f"{role.name} needed more than {self.config.supervisor.max_restarts} restarts in "
+                           f"{window:g}s (last: {reason}); giving up")
+            self.log.critical("%s", self.failed)
+            self.stop.event.set()
+            return
+        role.restarts.append(now)
+        role.restart_total += 1
+        self.metrics.inc("iseg_role_restarts_total", role=role.name)
+        delay = min(30.0, self.config.supervisor.restart_backoff_s * 2 ** (len(role.restarts) - 1))
+        role.restart_due = now + delay
+        self.log.warning("%s %s; restarting in %.1fs (%d in the last %gs)", role.name, reason, delay,
+                         len(role.restarts), window)
+
+    def _hung_reason(self, role: RoleProcess, now: float) -> str:
+        """Why a running role counts as hung, or '' when it is fine."""
+        timeout = self.config.supervisor.heartbeat_timeout_s
+        grace = max(timeout, 60.0) if role.role == "worker" else timeout
+        if role.heartbeat is None:
+            return f"sent no heartbeat within {grace:g}s of starting" if now - role.started_at > grace else ""
+        if now - role.heard_at > timeout:
+            return f"heartbeat silent for {now - role.heard_at:.1f}s"
+        busy_since = role.heartbeat.get("busy_since")
+        if busy_since and now - busy_since > self.config.worker.batch_timeout_s:
+            return f"batch running for {now - busy_since:.1f}s (worker.batch_timeout_s {self.config.worker.batch_timeout_s:g})"
+        loading = role.role == "worker" and not role.heartbeat.get("state", {}).get("ready")
+        if not busy_since and not loading and now - float(role.heartbeat.get("progress_at", now)) > timeout:
+            return f"main loop stuck for {now - float(role.heartbeat['progress_at']):.1f}s"
+        return ""
+
+    def _check_roles(self) -> None:
+        now = time.time()
+        for role in self.roles:
+            if role.proc is None:
+                continue
+            code = role.proc.poll()
+            if code is not None:
+                if role.restart_due is None:
+                    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                    self._schedule_restart(role, how)
+                elif now >= role.restart_due and not self.stop.stopping:
+                    self._spawn(role)
+                continue
+            reason = self._hung_reason(role, now)
+            if reason:
+                self.log.error("%s (pid %d) is hung: %s; killing it", role.name, role.proc.pid, reason)
+                role.proc.kill()
+                role.proc.wait(5)
+                self._schedule_restart(role, f"was hung ({reason})")
+
+    # -- telemetry and readiness -----------------------------------------------------------
+
+    def _read_telemetry(self, sock: zmq.Socket) -> None:
+        by_name = {role.name: role for role in self.roles}
+        while sock.poll(0):
+            try:
+                message = recv(sock)
+            except WireError as err:
+                self.log.warning("bad telemetry message: %s", err)
+                continue
+            role = by_name.get(str(message.header.get("name")))
+            if role is not None and role.pid == message.header.get("pid"):
+                role.heartbeat = message.header
+                role.heard_at = time.time()
+
+    def _fresh(self, role: RoleProcess, now: float) -> bool:
+        return role.pid is not None and role.heartbeat is not None and now - role.heard_at <= self.config.supervisor.heartbeat_timeout_s
+
+    def _update_readiness(self) -> None:
+        now = time.time()
+        for role in self.roles:
+            self.metrics.set("iseg_role_up", 1 if self._fresh(role, now) else 0, role=role.name)
+        if not self.ready:
+            workers = [r for r in self.roles if r.role == "worker"]
+            publisher = self.roles[0]
+            workers_ready = all(r.heartbeat and r.heartbeat.get("state", {}).get("ready") for r in workers)
+            first_frame = bool(publisher.heartbeat and publisher.heartbeat.get("state", {}).get("first_frame"))
+            if workers_ready and first_frame:
+                self.ready = True
+                self.ready_at = now
+                self.log.info("ready: model loaded, embeddings cached, first frame published")
+                self.notifier.notify("READY=1\nSTATUS=inspecting")
+        interval = self.notifier.watchdog_interval_s
+        if interval and now - self.last_watchdog >= interval:
+            stale = [r.name for r in self.roles if not self._fresh(r, now)]
+            if not stale:
+                self.notifier.notify("WATCHDOG=1")
+                self.last_watchdog = now
+            else:
+                self.notifier.notify(f"STATUS=waiting for heartbeat of {', '.join(stale)}")
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    def _snapshots(self) -> list[dict[str, Any]]:
+        live = [r.heartbeat.get("metrics", {}) for r in self.roles if r.heartbeat is not None]
+        return self.retired + live + [self.metrics.snapshot()]
+
+    def stats(self) -> dict[str, Any]:
+        """The /stats document: roles, per-camera flow, readiness."""
+        now = time.time()
+        merged = merge(self._snapshots())
+        cameras: dict[str, dict[str, Any]] = {c.id: {} for c in self.config.cameras}
+        names = {"iseg_capture_frames_total": "captured", "iseg_capture_dropped_frames_total": "dropped",
+                 "iseg_capture_reconnects_total": "reconnects", "iseg_worker_frames_total": "processed",
+                 "iseg_worker_failed_frames_total": "failed", "iseg_publisher_frames_total": "published",
+                 "iseg_publisher_failed_frames_total": "published_failed", "iseg_publisher_gap_frames_total": "gaps",
+                 "iseg_alerts_total": "alerts", "iseg_flagged_frames_total": "flagged",
+                 "iseg_recorder_frames_total": "recorded", "iseg_recorder_disk_full_total": "disk_full",
+                 "iseg_capture_fps": "fps"}
+        for metric, key in names.items():
+            series = merged["counters"].get(metric) or merged["gauges"].get(metric) or {}
+            for labels, value in series.items():
+                camera = parse_labels(labels).get("camera")
+                if camera in cameras:
+                    cameras[camera][key] = cameras[camera].get(key, 0) + value
+        for metric, key in (("iseg_e2e_latency_ms", "latency"), ("iseg_inference_ms", "inference")):
+            for labels, hist in merged["histograms"].get(metric, {}).items():
+                camera = parse_labels(labels).get("camera")
+                if camera in cameras:
+                    cameras[camera][f"{key}_ms_p50"] = quantile_from_histogram(hist, 0.5)
+                    cameras[camera][f"{key}_ms_p99"] = quantile_from_histogram(hist, 0.99)
+                    cameras[camera][f"{key}_ms_mean"] = hist["sum"] / hist["count"] if hist["count"] else None
+        roles = {}
+        for role in self.roles:
+            hb = role.heartbeat or {}
+            roles[role.name] = {"pid": role.pid, "up": self._fresh(role, now), "restarts": role.restart_total,
+                                "heartbeat_age_s": round(now - role.heard_at, 2) if role.heard_at else None,
+                                "busy_since": hb.get("busy_since"), "state": hb.get("state", {})}
+        return {"ready": self.ready, "failed": self.failed, "state_dir": str(self.config.state_path),
+                "roles": roles, "cameras": cameras, "ts": now}
+
+    def respond(self, path: str) -> tuple[int, str, bytes]:
+        """Answer one HTTP path."""
+        now = time.time()
+        if path == "/healthz":
+            healthy = not self.failed and (self.phase != "running" or now - self.last_loop < 5.0)
+            return json_body(200 if healthy else 503, {"healthy": healthy, "phase": self.phase, "failed": self.failed})
+        if path == "/readyz":
+            stale = [r.name for r in self.roles if not self._fresh(r, now)]
+            ok = self.ready and not stale and not self.failed
+            return json_body(200 if ok else 503, {"ready": ok, "first_frame_done": self.ready, "stale_roles": stale})
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4", render_prometheus(self._snapshots()).encode()
+        if path == "/stats":
+            return json_body(200, self.stats())
+        return json_body(404, {"error": f"no such path {path}; try /healthz /readyz /metrics /stats"})
+
+    # -- main ------------------------------------------------------------------------------
+
+    def print_banner(self, url: str) -> None:
+        """Where everything is, for the operator starting the daemon by hand."""
+        c = self.config
+        lines = [f"iseg daemon: {len(c.cameras)} camera(s), {c.worker.count} local worker(s)",
+                 f"  metrics:   {url}/metrics   (also /healthz /readyz /stats)",
+                 f"  publish:   {c.endpoint('publish')}   (topics overlay.<camera> mask.<camera> alert.<camera> stats)",
+                 f"  replay:    {c.endpoint('replay')}",
+                 *(f"  frames:    {c.endpoint('frames', cam.id)}   (camera {cam.id}: {cam.source_kind})" for cam in c.cameras),
+                 f"  state dir: {c.state_path}",
+                 f"  watch alerts:  iseg subscribe --config {c.path} --topic alert.",
+                 f"  review frames: iseg review list --config {c.path}"]
+        print("\n".join(lines), flush=True)
+
+    def _stop_roles(self) -> None:
+        if self.stopped_roles:
+            return
+        self.stopped_roles = True
+        deadline = time.monotonic() + self.config.supervisor.stop_timeout_s
+        self.notifier.notify("STOPPING=1")
+        for group in STOP_ORDER:
+            members = [r for r in self.roles if r.role == group and r.pid is not None]
+            for role in members:
+                role.proc.send_signal(signal.SIGTERM)
+            for role in members:
+                remaining = max(0.1, deadline - time.monotonic())
+                try:
+                    role.proc.wait(remaining)
+                except subprocess.TimeoutExpired:
+                    self.log.error("%s did not stop within the stop timeout; killing it", role.name)
+                    role.proc.kill()
+                    role.proc.wait(5)
+        for role in self.roles:
+            if role.proc is not None and role.proc.poll() is None:
+                role.proc.kill()
+                role.proc.wait(5)
+
+    def _drain_final(self, sock: zmq.Socket) -> None:
+        """Take the roles' last heartbeats (final counters) sent as they stopped."""
+        by_name = {role.name: role for role in self.roles}
+        while sock.poll(200):
+            try:
+                message = recv(sock)
+            except WireError:
+                continue
+            role = by_name.get(str(message.header.get("name")))
+            if role is not None and role.proc is not None and role.proc.pid == message.header.get("pid"):
+                role.heartbeat = message.header
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT, `duration`, or too many restarts; exit code 0 or 1."""
+        config = self.config
+        config.state_path.mkdir(parents=True, exist_ok=True)
+        config.run_path.mkdir(parents=True, exist_ok=True)
+        ctx = zmq.Context()
+        telemetry = ctx.socket(zmq.PULL)
+        telemetry.setsockopt(zmq.RCVHWM, 1000)
+        telemetry.setsockopt(zmq.LINGER, 0)
+        telemetry.bind(config.endpoint("telemetry"))
+        server = HealthServer(config.metrics.listen, self.respond).start()
+        self.print_banner(server.url)
+        (config.run_path / "http.url").write_text(server.url)
+        try:
+            if config.worker.count:
+                self.phase = "preparing the model"
+                ensure_model(config)
+            self.phase = "running"
+            for group in START_ORDER:
+                for role in self.roles:
+                    if role.role == group:
+                        self._spawn(role)
+            started = time.monotonic()
+            while not self.stop.stopping:
+                self.last_loop = time.time()
+                self._read_telemetry(telemetry)
+                self._check_roles()
+                self._update_readiness()
+                if self.duration is not None and time.monotonic() - started >= self.duration:
+                    self.log.info("--duration %gs reached", self.duration)
+                    break
+                self.stop.wait(0.2)
+            self.phase = "stopping"
+            self.log.info("stopping (%s)", self.stop.signal_name or ("failure" if self.failed else "duration"))
+            self._stop_roles()
+            self._drain_final(telemetry)
+            (config.state_path / "last_stats.json").write_text(json.dumps(self.stats(), indent=1))
+        finally:
+            self._stop_roles()
+            server.stop()
+            telemetry.close()
+            ctx.term()
+        self.log.info("stopped")
+        return 1 if self.failed else 0

@@ -1,0 +1,238 @@
+"""Detection worker: pulls frames from every camera, batches them, runs the engine and
+pushes results to the publisher.
+
+One worker per GPU; more may connect from other hosts over CurveZMQ. Each camera's
+class set has its text embedding cached before the first frame, so the hot path is
+VAE + one truncated UNet forward. A frame that fails is logged, counted and reported
+to the publisher as failed (so it stays accounted for); it never kills the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from daemon.calibration import thresholds_for
+from daemon.config import DaemonConfig
+from daemon.metrics import Registry
+from daemon.model_setup import ensure_model
+from daemon.role import Heartbeat, StopFlag
+from daemon.security import connect_curve_client, stop_authenticators
+from daemon.wire import Message, WireError, array_header, frame_from, now, recv, send
+
+IDLE_DRAIN_S = 0.3
+
+
+@dataclass
+class PendingFrame:
+    """A decoded frame waiting for its batch."""
+
+    header: dict[str, Any]
+    frame: np.ndarray
+
+
+def load_segmenter(config: DaemonConfig, log: logging.Logger) -> Any:
+    """Load the model and cache every camera's text embedding; returns (segmenter, class sets)."""
+    from engine.results import ClassSet
+    from engine.segmenter import Segmenter
+
+    if config.worker.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.worker.torch_threads)
+    model_dir = ensure_model(config)
+    started = time.monotonic()
+    segmenter = Segmenter.load(model_dir, device=config.engine.device, dtype=config.engine.dtype,
+                               settings=config.engine.settings, cache_dir=config.state_path / "embeddings")
+    class_sets = {}
+    for camera in config.cameras:
+        class_sets[camera.id] = ClassSet(camera.classes, camera.bg_context)
+        segmenter.prepare(class_sets[camera.id])
+    log.info("model %s loaded on %s/%s, %d class set(s) cached in %.1fs", model_dir, config.engine.device,
+             config.engine.dtype, len(class_sets), time.monotonic() - started)
+    return segmenter, class_sets
+
+
+def connect_sockets(ctx: zmq.Context, config: DaemonConfig, remote: bool) -> tuple[zmq.Socket, zmq.Socket, list[str]]:
+    """PULL from every camera, PUSH to the publisher; over Curve TCP when `remote`."""
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, config.sockets.frames_hwm)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, config.sockets.results_hwm)
+    push.setsockopt(zmq.SNDTIMEO, 5000)
+    push.setsockopt(zmq.LINGER, 5000)
+    endpoints = []
+    if remote:
+        settings = config.sockets.remote
+        if settings is None:
+            raise ValueError("--remote needs sockets.remote in the config")
+        for camera in config.cameras:
+            if camera.tcp_port is not None:
+                endpoints.append(connect_curve_client(pull, config, camera.tcp_port))
+        endpoints.append(connect_curve_client(push, config, settings.results_port))
+    else:
+        for camera in config.cameras:
+            endpoint = config.endpoint("frames", camera.id)
+            pull.connect(endpoint)
+            endpoints.append(endpoint)
+        push.connect(config.endpoint("results"))
+        endpoints.append(config.endpoint("results"))
+    return pull, push, endpoints
+
+
+class Worker:
+    """The batching loop, separate from process setup so calibration and benchmarks reuse it."""
+
+    def __init__(self, config: DaemonConfig, name: str, segmenter: Any, class_sets: dict[str, Any],
+                 metrics: Registry, heartbeat: Heartbeat | None, log: logging.Logger) -> None:
+        self.config = config
+        self.name = name
+        self.segmenter = segmenter
+        self.class_sets = class_sets
+        self.metrics = metrics
+        self.heartbeat = heartbeat
+        self.log = log
+        self.thresholds = {}
+        for camera in config.cameras:
+            chosen = thresholds_for(config, camera)
+            self.thresholds[camera.id] = {name: value for name, (value, _) in chosen.items()}
+            log.info("camera %s thresholds: %s", camera.id,
+                     ", ".join(f"{n}={v:.3f} ({src})" for n, (v, src) in chosen.items()))
+
+    def decode(self, message: Message) -> PendingFrame:
+        """Check a frame message; WireError when malformed or from an unknown camera."""
+        frame = frame_from(message)
+        if message.header["camera"] not in self.class_sets:
+            raise WireError(f"frame from unknown camera {message.header['camera']!r}")
+        return PendingFrame(message.header, frame)
+
+    def collect(self, pull: zmq.Socket, stop: StopFlag, draining: bool) -> list[PendingFrame]:
+        """Up to batch_size frames: wait for the first, then at most max_wait_ms for the rest."""
+        batch: list[PendingFrame] = []
+        deadline: float | None = None
+        while len(batch) < self.config.worker.batch_size:
+            if deadline is None:
+                timeout_ms = IDLE_DRAIN_S * 1000 if draining else 200
+            else:
+                timeout_ms = max(0.0, (deadline - time.monotonic()) * 1000)
+            if not pull.poll(timeout_ms):
+                if deadline is not None or draining or stop.stopping:
+                    break
+                if self.heartbeat:
+                    self.heartbeat.progress()
+                continue
+            try:
+                batch.append(self.decode(recv(pull)))
+            except WireError as err:
+                self.metrics.inc("iseg_worker_bad_messages_total", worker=self.name)
+                self.log.warning("rejected a malformed frame message: %s", err)
+                continue
+            if deadline is None:
+                deadline = time.monotonic() + self.config.worker.max_wait_ms / 1000
+        return batch
+
+    def run_batch(self, batch: list[PendingFrame]) -> list[tuple[PendingFrame, Any, str]]:
+        """Segment a batch; if it fails, frame by frame so one bad frame fails alone."""
+        from engine.errors import EngineError
+
+        sets = [self.class_sets[p.header["camera"]] for p in batch]
+        if self.heartbeat:
+            self.heartbeat.busy(True)
+        try:
+            try:
+                results = self.segmenter.segment([p.frame for p in batch], sets)
+                self.metrics.inc("iseg_worker_batches_total", worker=self.name)
+                return [(p, r, "") for p, r in zip(batch, results)]
+            except (EngineError, RuntimeError, ValueError) as err:
+                if len(batch) == 1:
+                    return [(batch[0], None, f"{type(err).__name__}: {err}")]
+            outcomes = []
+            for pending, class_set in zip(batch, sets):
+                try:
+                    outcomes.append((pending, self.segmenter.segment([pending.frame], class_set)[0], ""))
+                    self.metrics.inc("iseg_worker_batches_total", worker=self.name)
+                except (EngineError, RuntimeError, ValueError) as err:
+                    outcomes.append((pending, None, f"{type(err).__name__}: {err}"))
+            return outcomes
+        finally:
+            if self.heartbeat:
+                self.heartbeat.busy(False)
+
+    def result_message(self, pending: PendingFrame, result: Any, error: str) -> tuple[dict[str, Any], list[Any]]:
+        """Header and payloads of one result for the publisher."""
+        header = {key: pending.header.get(key) for key in ("camera", "seq", "ts", "session", "roi")}
+        header["worker"] = self.name
+        header["done_ts"] = now()
+        if result is None:
+            header.update(ok=False, error=error)
+            return header, []
+        thresholds = self.thresholds[header["camera"]]
+        presence = {name: float(score) for name, score in zip(result.classes, result.presence)}
+        header.update(ok=True, classes=list(result.classes), presence=presence, thresholds=thresholds,
+                      flagged=[name for name in result.classes if presence[name] > thresholds[name]],
+                      infer_ms=float(result.timings_ms.get("total_ms", 0.0)),
+                      frame=array_header(pending.frame), labels=array_header(result.labels))
+        return header, [pending.frame, np.ascontiguousarray(result.labels, dtype=np.uint8)]
+
+    def handle(self, batch: list[PendingFrame], push: zmq.Socket) -> None:
+        """Run one batch and send every frame's outcome."""
+        for pending, result, error in self.run_batch(batch):
+            camera = pending.header["camera"]
+            if result is None:
+                self.metrics.inc("iseg_worker_failed_frames_total", worker=self.name, camera=camera)
+                self.log.warning("frame %s/%s failed: %s", camera, pending.header["seq"], error)
+            else:
+                self.metrics.inc("iseg_worker_frames_total", worker=self.name, camera=camera)
+                self.metrics.observe("iseg_inference_ms", result.timings_ms.get("total_ms", 0.0), camera=camera)
+            header, payloads = self.result_message(pending, result, error)
+            try:
+                send(push, "result", header, payloads)
+            except zmq.Again:
+                self.metrics.inc("iseg_worker_unsent_results_total", worker=self.name, camera=camera)
+                self.log.error("publisher not taking results; result %s/%s lost", camera, pending.header["seq"])
+
+    def loop(self, pull: zmq.Socket, push: zmq.Socket, stop: StopFlag) -> None:
+        """Until stopped; then drain what is already queued so no frame goes unaccounted."""
+        while True:
+            draining = stop.stopping
+            batch = self.collect(pull, stop, draining)
+            if batch:
+                self.handle(batch, push)
+            elif draining:
+                return
+            if self.heartbeat:
+                self.heartbeat.progress()
+
+
+def run_worker(config: DaemonConfig, stop: StopFlag, name: str = "worker.0", remote: bool = False) -> int:
+    """Worker process body; exit code 0 on a clean stop."""
+    log = logging.getLogger(f"iseg.{name}")
+    metrics = Registry()
+    ctx = zmq.Context()
+    heartbeat = Heartbeat(ctx, config.endpoint("telemetry"), "worker", name, metrics, stop).start()
+    heartbeat.update(ready=False)
+    pull = push = None
+    try:
+        segmenter, class_sets = load_segmenter(config, log)
+        worker = Worker(config, name, segmenter, class_sets, metrics, heartbeat, log)
+        pull, push, endpoints = connect_sockets(ctx, config, remote)
+        log.info("worker %s (pid %d) ready: batch %d, max wait %.0f ms, on %s", name, os.getpid(),
+                 config.worker.batch_size, config.worker.max_wait_ms, ", ".join(endpoints))
+        metrics.set("iseg_worker_ready", 1, worker=name)
+        heartbeat.update(ready=True)
+        worker.loop(pull, push, stop)
+        log.info("worker %s stopped (%s)", name, stop.signal_name or "done")
+    finally:
+        heartbeat.stop()
+        for sock in (pull, push):
+            if sock is not None:
+                sock.close()
+        stop_authenticators()
+        ctx.term()
+    return 0
