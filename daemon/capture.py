@@ -23,11 +23,14 @@ LIVE_KINDS = {"rtsp", "http", "usb"}
 
 
 def bind_frames_socket(ctx: zmq.Context, config: DaemonConfig, camera_id: str) -> tuple[zmq.Socket, list[str]]:
-    """The camera's PUSH socket: ipc for local workers, plus Curve TCP when remote workers may join."""
+    """The camera's PUSH socket: ipc for local workers, plus Curve TCP when remote workers may join.
+
+    LINGER is half the stop timeout: frames already queued when capture stops still reach
+    a worker (which is stopped after capture), so every captured frame stays accounted for."""
     camera = config.camera(camera_id)
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, config.sockets.frames_hwm)
-    sock.setsockopt(zmq.LINGER, 2000)
+    sock.setsockopt(zmq.LINGER, int(config.supervisor.stop_timeout_s * 500))
     endpoint = config.endpoint("frames", camera.id)
     config.run_path.mkdir(parents=True, exist_ok=True)
     sock.bind(endpoint)

@@ -188,7 +188,7 @@ def run_publisher(config: DaemonConfig, stop: StopFlag) -> int:
                     metrics.inc("iseg_publisher_bad_messages_total")
                     log.warning("rejected a malformed result: %s", err)
                 if publisher.first_frame_at is not None:
-                    heartbeat.update(first_frame=True, published=publisher.published)
+                    heartbeat.update(first_frame=True, first_frame_at=publisher.first_frame_at, published=publisher.published)
             elif draining and not events:
                 break
             if time.monotonic() >= next_stats:

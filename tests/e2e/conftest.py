@@ -1,0 +1,176 @@
+"""Fixtures for end-to-end tests: a tiny model built once, configs in tmp dirs, and a
+running `iseg run` daemon (a real process tree) with helpers to read its HTTP endpoints."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CACHE = REPO / ".cache" / "iseg-tests" / "tiny-sd21"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """A tiny random-weight SD 2.1-topology model, built once per checkout (about a minute)."""
+    if not (TINY_CACHE / "model_index.json").is_file():
+        TINY_CACHE.parent.mkdir(parents=True, exist_ok=True)
+        with open(TINY_CACHE.parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (TINY_CACHE / "model_index.json").is_file():
+                from engine.tiny_model import build_tiny_model
+
+                building = TINY_CACHE.with_name("tiny-sd21.building")
+                shutil.rmtree(building, ignore_errors=True)
+                build_tiny_model(building, family="sd21", seed=0, progress=lambda _line: None)
+                os.rename(building, TINY_CACHE)
+    return TINY_CACHE
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `changes` into a copy of `base`."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, tiny_model: Path) -> Callable[..., Path]:
+    """Write a fast test config (synthetic camera, size 128, fast fps) with overrides; returns its path."""
+    def write(changes: dict[str, Any] | None = None, name: str = "config.yaml") -> Path:
+        base = {
+            "state_dir": str(tmp_path / "state"),
+            "engine": {"model_dir": str(tiny_model), "settings": {"size": 128, "iters": 3, "cluster": False,
+                                                                  "bg_context": "metal surface, background"}},
+            "worker": {"count": 1, "batch_size": 2, "max_wait_ms": 30, "torch_threads": 1},
+            "cameras": [{"id": "belt1", "source": "synthetic", "fps": 4, "classes": ["scratch", "dent"],
+                         "bg_context": "metal surface, background",
+                         "thresholds": {"scratch": 0.0, "dent": 1.0},
+                         "synthetic": {"seed": 3, "width": 160, "height": 120}}],
+            "alerts": {"k": 2, "n": 3, "cooldown_s": 1.0},
+            "recorder": {"min_free_mb": 1, "retention_days": 1},
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+            "supervisor": {"heartbeat_timeout_s": 6, "stop_timeout_s": 20, "restart_backoff_s": 0.2},
+        }
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(merge(base, changes or {})))
+        return path
+    return write
+
+
+def iseg(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run `python -m daemon ...` to completion."""
+    kwargs.setdefault("timeout", 120)
+    return subprocess.run([sys.executable, "-m", "daemon", *args], cwd=REPO, capture_output=True, text=True, **kwargs)
+
+
+class Daemon:
+    """A running `iseg run` process tree."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        settings = yaml.safe_load(config.read_text())
+        self.url = "http://" + settings["metrics"]["listen"]
+        self.state = Path(settings["state_dir"])
+        self.log_path = config.with_suffix(".log")
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(config)], cwd=REPO,
+                                     stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def get(self, path: str) -> tuple[int, str]:
+        """HTTP GET on the supervisor; (status, body); (0, '') when not listening yet."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return 0, ""
+
+    def stats(self) -> dict[str, Any]:
+        """The /stats document."""
+        status, body = self.get("/stats")
+        assert status == 200, f"/stats answered {status}; log:\n{self.tail()}"
+        return json.loads(body)
+
+    def wait_for(self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+        """Poll /stats until predicate holds; fail with the log tail otherwise."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"daemon exited ({self.proc.returncode}) waiting for {what}:\n{self.tail()}"
+            status, body = self.get("/stats")
+            if status == 200:
+                last = json.loads(body)
+                if predicate(last):
+                    return last
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting for {what}; last stats {json.dumps(last)[:1500]}\nlog:\n{self.tail()}")
+
+    def wait_ready(self, timeout: float = 90) -> dict[str, Any]:
+        """Until /readyz is 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"daemon exited ({self.proc.returncode}):\n{self.tail()}"
+            if self.get("/readyz")[0] == 200:
+                return self.stats()
+            time.sleep(0.3)
+        raise AssertionError(f"daemon not ready in {timeout}s:\n{self.tail()}")
+
+    def terminate(self, timeout: float = 40) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def tail(self, lines: int = 60) -> str:
+        """The end of the daemon's log."""
+        self.log.flush()
+        return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+
+    def close(self) -> None:
+        """Make sure the whole tree is gone."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def start_daemon() -> Callable[..., Daemon]:
+    """Start daemons; all are stopped at the end of the test."""
+    started: list[Daemon] = []
+
+    def start(config: Path, env: dict[str, str] | None = None) -> Daemon:
+        daemon = Daemon(config, env)
+        started.append(daemon)
+        return daemon
+    yield start
+    for daemon in started:
+        daemon.close()
