@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.preprocess import frames_to_batch
 from engine.results import ClassSet
 
 BENCH_CLASSES = ClassSet(("scratch", "dent"), "metal surface, table, background")
@@ -85,33 +86,77 @@ def measure(segmenter: Any, frames: list[np.ndarray], batch: int, naive: bool = 
     return report
 
 
-def run_bench(segmenter: Any, frames: int = 8, batches: tuple[int, ...] = (1, 4), naive: bool = True) -> dict[str, Any]:
-    """The JSON report: fast path at each batch size, naive path at batch 1, and their ratio."""
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+"""Dense fp16/bf16 tensor-core peaks (TFLOP/s) by device-name fragment, for MFU."""
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The device's dense half-precision peak, if known (None on CPU or unknown GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, peak in PEAK_TFLOPS.items():
+        if fragment in name:
+            return peak
+    return None
+
+
+def flops_per_frame(segmenter: Any, frames: list[np.ndarray]) -> float:
+    """FLOPs of one frame through VAE encode + the truncated UNet (torch path), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    entry = segmenter.prepare(BENCH_CLASSES)
+    with FlopCounterMode(display=False) as counter:
+        pixels = frames_to_batch(frames[:1], segmenter.settings.size, segmenter.model.device)
+        latents = segmenter.torch_backend.encode(pixels)
+        segmenter.torch_backend.attention(latents, segmenter._timestep, entry.embedding[None].to(segmenter.model.dtype))
+    return float(counter.get_total_flops())
+
+
+def run_bench(segmenters: dict[str, Any], frames: int = 8, batches: tuple[int, ...] = (1, 4),
+              naive: bool = True) -> dict[str, Any]:
+    """The JSON report: each backend at each batch size, the naive path at the first, and ratios.
+
+    `segmenters` maps a backend name ("torch", "onnx") to a Segmenter on the same model.
+    """
     images = bench_frames(frames)
-    model = segmenter.model
+    first_name, first = next(iter(segmenters.items()))
+    model = first.model
     report: dict[str, Any] = {
-        "model": str(model.path),
-        "family": model.family,
-        "device": str(model.device),
-        "dtype": str(model.dtype).replace("torch.", ""),
-        "size": segmenter.settings.size,
-        "frame_hw": list(images[0].shape[:2]),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "fast": {str(b): measure(segmenter, images, b) for b in batches},
+        "model": str(model.path), "family": model.family, "device": str(model.device),
+        "dtype": str(model.dtype).replace("torch.", ""), "size": first.settings.size,
+        "frame_hw": list(images[0].shape[:2]), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(), "backends": {},
     }
     if model.device.type == "cuda":
         report["device_name"] = torch.cuda.get_device_name(model.device)
-    first = str(batches[0])
-    report["fast_fps"] = report["fast"][first]["fps"]
-    report["fast_fps_best"] = max(entry["fps"] for entry in report["fast"].values())
-    if naive:
-        report["naive"] = measure(segmenter, images, batches[0], naive=True)
+    flops = flops_per_frame(first, images) if "torch" in segmenters else None
+    peak = peak_tflops(model.device)
+    report["gflop_per_frame"] = flops / 1e9 if flops else None
+    for name, segmenter in segmenters.items():
+        runs = {}
+        for batch in batches:
+            entry = measure(segmenter, images, batch)
+            if flops:
+                entry["achieved_tflops"] = flops * entry["fps"] / 1e12
+                entry["mfu"] = entry["achieved_tflops"] / peak if peak else None
+            runs[str(batch)] = entry
+        report["backends"][name] = runs
+    key = str(batches[0])
+    report["fast_fps"] = report["backends"][first_name][key]["fps"]
+    report["fast_fps_best"] = max(entry["fps"] for entry in report["backends"][first_name].values())
+    if "torch" in segmenters and "onnx" in segmenters:
+        by_batch = {batch: report["backends"]["torch"][batch]["fps"] / report["backends"]["onnx"][batch]["fps"]
+                    for batch in report["backends"]["torch"]}
+        report["onnx_over_torch_time_by_batch"] = by_batch
+        report["onnx_over_torch_time"] = float(np.mean(list(by_batch.values())))
+    if naive and "torch" in segmenters:
+        torch_segmenter = segmenters["torch"]
+        report["naive"] = measure(torch_segmenter, images, batches[0], naive=True)
         report["naive_fps"] = report["naive"]["fps"]
-        report["speedup_vs_naive"] = report["fast_fps"] / report["naive_fps"]
-        fast = segmenter.segment(images[:1], BENCH_CLASSES)[0]
-        slow = segmenter.segment(images[:1], BENCH_CLASSES, naive=True)[0]
+        report["speedup_vs_naive"] = report["backends"]["torch"][key]["fps"] / report["naive_fps"]
+        fast = torch_segmenter.segment(images[:1], BENCH_CLASSES)[0]
+        slow = torch_segmenter.segment(images[:1], BENCH_CLASSES, naive=True)[0]
         report["naive_label_agreement"] = float((fast.labels == slow.labels).mean())
         report["naive_max_map_diff"] = float(np.abs(fast.maps - slow.maps).max())
     return report

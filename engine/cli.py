@@ -27,7 +27,7 @@ SETTING_OPTIONS = ("size", "timestep", "seed", "enhance", "ent", "iters", "clust
 RUN_OPTIONS = ("model", "device", "dtype", "classes", "out", "save_maps", "batch_size", "cache_dir", "backend", "onnx_dir")
 
 
-def _add_method_options(parser: argparse.ArgumentParser) -> None:
+def _add_method_options(parser: argparse.ArgumentParser, backends: tuple[str, ...] = ("torch", "onnx")) -> None:
     group = parser.add_argument_group("method (defaults: ISEG_SPEC)")
     group.add_argument("--size", type=int, help="square input size the frame is resized to (multiple of 64; 512)")
     group.add_argument("--timestep", type=int, help="diffusion timestep t of the single UNet pass (100)")
@@ -45,7 +45,7 @@ def _add_method_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="weights dtype (float32)")
     parser.add_argument("--batch-size", dest="batch_size", type=int, help="frames per UNet batch (4)")
     parser.add_argument("--cache-dir", dest="cache_dir", help="text-embedding cache folder (~/.cache/iseg)")
-    parser.add_argument("--backend", choices=("torch", "onnx"), help="torch, or onnx for a graph from `iseg export-onnx` (torch)")
+    parser.add_argument("--backend", choices=backends, help="torch, or onnx for a graph from `iseg export-onnx` (torch)")
     parser.add_argument("--onnx-dir", dest="onnx_dir", help="folder written by `iseg export-onnx` (for --backend onnx)")
     parser.add_argument("--config", help="YAML file with the same keys as these options")
 
@@ -184,12 +184,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Per-stage timings, frames/s and peak memory, fast path against the naive path."""
+    """Per-stage timings, frames/s, memory and MFU; torch and/or ONNX; fast path against naive."""
     from engine.bench import run_bench
+    from engine.segmenter import Segmenter
 
+    if args.full_size:
+        from engine.full_size import build_full_size_model
+        args.model = str(build_full_size_model(default_cache_dir() / f"full-size-{args.family}", family=args.family))
     settings, run = resolve_options(args)
-    segmenter = _load_segmenter(settings, run)
-    report = run_bench(segmenter, frames=args.frames, batches=tuple(args.batches), naive=not args.no_naive)
+    names = ("torch", "onnx") if run["backend"] == "both" else (run["backend"] or "torch",)
+    torch_segmenter = _load_segmenter(settings, dict(run, backend="torch"))
+    segmenters = {}
+    for name in names:
+        if name == "torch":
+            segmenters[name] = torch_segmenter
+        else:
+            from engine.onnx_backend import onnx_backend_factory
+            from engine.onnx_export import export_onnx
+            onnx_dir = Path(run["onnx_dir"]) if run["onnx_dir"] else (
+                default_cache_dir() / "onnx" / f"{torch_segmenter.fingerprint}-{settings.size}")
+            if not (onnx_dir / "manifest.json").is_file():
+                export_onnx(run["model"], onnx_dir, size=settings.size)
+            segmenters[name] = Segmenter(torch_segmenter.model, settings, torch_segmenter.text_cache_dir,
+                                         backend=onnx_backend_factory(onnx_dir))
+    report = run_bench(segmenters, frames=args.frames, batches=tuple(args.batch), naive=not args.no_naive)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
@@ -228,9 +246,12 @@ def register(subparsers: Any) -> None:
     bench = subparsers.add_parser("bench", help="benchmark the engine (JSON)")
     bench.add_argument("--json", help="write the JSON report here")
     bench.add_argument("--frames", type=int, default=8, help="frames per measurement (8)")
-    bench.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes (1 4)")
+    bench.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes (1 4)")
     bench.add_argument("--no-naive", action="store_true", help="skip the naive capture-everything path")
-    _add_method_options(bench)
+    bench.add_argument("--full-size", action="store_true",
+                       help="benchmark a full-width SD topology with random weights (built once in the cache dir)")
+    bench.add_argument("--family", choices=("sd21", "sd15"), default="sd21", help="topology for --full-size (sd21)")
+    _add_method_options(bench, backends=("torch", "onnx", "both"))
     bench.set_defaults(func=cmd_bench)
 
     tiny = subparsers.add_parser("make-tiny-model", help="build a tiny random-weight SD model folder")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from engine.errors import InputError
 
@@ -27,24 +27,31 @@ def check_frame(frame: np.ndarray, name: str = "frame") -> None:
         raise InputError(f"{name}: contains NaN or infinite pixel values")
 
 
-def to_rgb_float(frame: np.ndarray) -> np.ndarray:
-    """RGB float32 in [0, 255]: gray is repeated, alpha dropped, 16-bit scaled down."""
-    image = frame
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    elif image.shape[2] == 4:
-        image = image[:, :, :3]
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / 257.0
-    return image.astype(np.float32)
+def to_rgb(frame: np.ndarray) -> np.ndarray:
+    """Three channels in the frame's own pixel type: gray is repeated, alpha dropped."""
+    if frame.ndim == 2:
+        frame = frame[:, :, None]
+    if frame.shape[2] == 1:
+        return np.repeat(frame, 3, axis=2)
+    if frame.shape[2] == 4:
+        return frame[:, :, :3]
+    return frame
 
 
-def frames_to_batch(frames: list[np.ndarray], size: int) -> torch.Tensor:
-    """[B, 3, size, size] in [-1, 1]: resize with INTER_LINEAR (aspect not kept), /255, 2x − 1."""
+def frames_to_batch(frames: list[np.ndarray], size: int, device: torch.device) -> torch.Tensor:
+    """[B, 3, size, size] float32 in [-1, 1] on `device`.
+
+    The frame travels in its own pixel type (pinned on CUDA) and is resized there:
+    bilinear with half-pixel centres and no antialiasing, which is exactly OpenCV's
+    INTER_LINEAR (aspect not kept), then /255 and 2x − 1. 16-bit frames are scaled by 1/257.
+    """
     batch = []
     for frame in frames:
-        resized = cv2.resize(to_rgb_float(frame), (size, size), interpolation=cv2.INTER_LINEAR)
-        batch.append(2.0 * (resized / 255.0) - 1.0)
-    return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+        pixels = torch.from_numpy(np.ascontiguousarray(to_rgb(frame)).astype(np.int32 if frame.dtype == np.uint16 else frame.dtype, copy=False))
+        if device.type == "cuda":
+            pixels = pixels.pin_memory().to(device, non_blocking=True)
+        image = pixels.permute(2, 0, 1)[None].float()
+        if frame.dtype == np.uint16:
+            image = image / 257.0
+        batch.append(F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False))
+    return torch.cat(batch).div_(255.0).mul_(2.0).sub_(1.0)

@@ -44,6 +44,7 @@ class Segmenter:
         self.settings = settings or IsegSettings()
         side = self.settings.size // model.vae_scale
         self.latent_hw = (side, side)
+        self.text_cache_dir = cache_dir
         self.torch_backend = TorchBackend(model, self.settings, self.latent_hw)
         self.backend = backend(model, self.settings, self.latent_hw) if backend is not None else self.torch_backend
         self.text_cache = TextEmbeddingCache(self._encode_text, model.tokenizer, model.fingerprint,
@@ -92,7 +93,7 @@ class Segmenter:
     @torch.no_grad()
     def encode(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
         """z_t [B, C, h, w]: VAE posterior mean × scaling factor, plus the fixed seeded noise at t."""
-        z0 = self.backend.encode(frames_to_batch(list(frames), self.settings.size))
+        z0 = self.backend.encode(frames_to_batch(list(frames), self.settings.size, self.model.device))
         noise = self._noise.to(z0.device, z0.dtype).expand_as(z0)
         return self.model.scheduler.add_noise(z0, noise, self._timestep.reshape(1).cpu()).to(z0.dtype)
 

@@ -53,14 +53,14 @@ def test_eval_reports_miou_per_class_and_json(tiny_sd21, tmp_path):
 @pytest.mark.slow
 def test_bench_writes_the_promised_keys(tiny_sd21, tmp_path):
     out = tmp_path / "bench.json"
-    result = run_iseg("bench", "--model", str(tiny_sd21), "--size", "256", "--frames", "2", "--batches", "1", "2",
+    result = run_iseg("bench", "--model", str(tiny_sd21), "--size", "256", "--frames", "2", "--batch", "1", "2",
                       "--json", str(out), cache_dir=tmp_path / "c")
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     for key in ("fast_fps", "naive_fps", "speedup_vs_naive"):
         assert report[key] > 0
     for batch in ("1", "2"):
-        stages = report["fast"][batch]["stage_ms_per_frame"]
+        stages = report["backends"]["torch"][batch]["stage_ms_per_frame"]
         assert {"vae_ms", "unet_ms", "refine_ms", "total_ms"} <= set(stages)
-        assert report["fast"][batch]["peak_host_mb"] > 0
+        assert report["backends"]["torch"][batch]["peak_host_mb"] > 0
     assert report["naive_label_agreement"] >= 0.999
