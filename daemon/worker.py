@@ -27,6 +27,7 @@ from daemon.security import connect_curve_client, stop_authenticators
 from daemon.wire import Message, WireError, array_header, frame_from, now, recv, send
 
 IDLE_DRAIN_S = 0.3
+DRAIN_MAX_S = 5.0
 
 
 @dataclass
@@ -198,13 +199,17 @@ class Worker:
                 self.log.error("publisher not taking results; result %s/%s lost", camera, pending.header["seq"])
 
     def loop(self, pull: zmq.Socket, push: zmq.Socket, stop: StopFlag) -> None:
-        """Until stopped; then drain what is already queued so no frame goes unaccounted."""
+        """Until stopped; then drain what is already queued so no frame goes unaccounted
+        (for at most DRAIN_MAX_S: a capture that is still running would never let us finish)."""
+        drain_until: float | None = None
         while True:
             draining = stop.stopping
+            if draining and drain_until is None:
+                drain_until = time.monotonic() + DRAIN_MAX_S
             batch = self.collect(pull, stop, draining)
             if batch:
                 self.handle(batch, push)
-            elif draining:
+            if draining and (not batch or time.monotonic() > drain_until):
                 return
             if self.heartbeat:
                 self.heartbeat.progress()
