@@ -144,7 +144,7 @@ class SocketConfig:
     publish: str = "ipc://{run_dir}/publish.sock"
     replay: str = "ipc://{run_dir}/replay.sock"
     telemetry: str = "ipc://{run_dir}/telemetry.sock"
-    frames_hwm: int = 2
+    frames_hwm: int = 1
     results_hwm: int = 64
     publish_hwm: int = 256
     remote: RemoteConfig | None = None

@@ -38,8 +38,8 @@ class PendingFrame:
     frame: np.ndarray
 
 
-def load_segmenter(config: DaemonConfig, log: logging.Logger) -> Any:
-    """Load the model and cache every camera's text embedding; returns (segmenter, class sets)."""
+def load_segmenter(config: DaemonConfig, log: logging.Logger) -> tuple[Any, dict[str, Any]]:
+    """Load the model and cache every camera's text embedding; returns (segmenter, class set per camera)."""
     from engine.results import ClassSet
     from engine.segmenter import Segmenter
 

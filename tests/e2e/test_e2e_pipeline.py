@@ -9,8 +9,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import REPO, iseg
+from conftest import iseg
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
