@@ -30,9 +30,14 @@ def seed_indices(latent_hw: tuple[int, int], n_seeds: int) -> torch.Tensor:
 
 
 def symmetric_kl(anchors: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """½KL(a‖p) + ½KL(p‖a) for every anchor/point pair: [S, T] × [N, T] → [S, N]."""
-    a = anchors.float() + KL_EPS
-    p = points.float() + KL_EPS
+    """½KL(a‖p) + ½KL(p‖a) for every anchor/point pair: [S, T] × [N, T] → [S, N].
+
+    Expanded into matrix products, which cancel terms of similar size; float64 keeps
+    that cancellation below float32 rounding of the direct sum, so near-ties fall the
+    way a direct evaluation would.
+    """
+    a = anchors.double() + KL_EPS
+    p = points.double() + KL_EPS
     log_a, log_p = torch.log(a), torch.log(p)
     self_a = (a * log_a).sum(dim=-1)
     self_p = (p * log_p).sum(dim=-1)
