@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 TINY_MODEL ?= models/tiny-sd21
+DURATION ?= 60
 
 .PHONY: setup demo segment-demo test clean
 
@@ -25,7 +26,9 @@ segment-demo: $(BIN)/iseg $(TINY_MODEL)/model_index.json
 	$(BIN)/iseg segment engine/samples/*.png --model $(TINY_MODEL) --classes scratch,dent,crack \
 		--bg-context "metal surface, table, background" --out out/demo --save-maps
 
-demo: segment-demo
+# The demo daemon on a synthetic camera (tiny model built on first run); Ctrl-C stops it early.
+demo: $(BIN)/iseg
+	$(BIN)/iseg run --config configs/demo.yaml --duration $(DURATION)
 
 test: $(BIN)/iseg
 	$(BIN)/python -m pytest -q
