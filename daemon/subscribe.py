@@ -77,6 +77,8 @@ def run_subscribe(config: DaemonConfig, topics: list[str], since: int | None, co
         if since is not None:
             time.sleep(0.2)
             for alert in replay(ctx, config, since, None, 10.0):
+                if count is not None and printed >= count:
+                    break
                 if topics and not any(f"alert.{alert['camera']}".startswith(t) for t in topics):
                     continue
                 out.write(line(Message(f"alert.{alert['camera']}", alert), replayed=True) + "\n")

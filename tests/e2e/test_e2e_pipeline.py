@@ -67,6 +67,7 @@ def published(stats: dict) -> float:
 def test_demo_flow_subscribers_replay_and_sigterm(make_config, start_daemon, tmp_path):
     config = make_config({"sockets": {"publish_hwm": 8}})
     notify = NotifyListener(tmp_path / "notify.sock")
+    ctx = zmq.Context()
     try:
         daemon = start_daemon(config, {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"})
         stats = daemon.wait_ready(120)
@@ -90,8 +91,8 @@ def test_demo_flow_subscribers_replay_and_sigterm(make_config, start_daemon, tmp
         before = published(daemon.stats())
         time.sleep(5)
         rate_free = (published(daemon.stats()) - before) / 5
-        ctx = zmq.Context()
         stalled = ctx.socket(zmq.SUB)
+        stalled.setsockopt(zmq.LINGER, 0)
         stalled.setsockopt(zmq.RCVHWM, 1)
         stalled.setsockopt(zmq.RCVBUF, 4096)
         stalled.setsockopt(zmq.SUBSCRIBE, b"")
@@ -115,10 +116,9 @@ def test_demo_flow_subscribers_replay_and_sigterm(make_config, start_daemon, tmp
         started = time.monotonic()
         assert daemon.terminate(40) == 0, daemon.tail()
         assert time.monotonic() - started < 20 + 5
-        stalled.close()
-        ctx.term()
     finally:
         notify.close()
+        ctx.destroy(linger=0)
     assert notify.times("STOPPING=1") and notify.times("WATCHDOG=1")
 
     final = json.loads((daemon.state / "last_stats.json").read_text())["cameras"]["belt1"]
