@@ -103,7 +103,12 @@ def _family(unet_config: Any) -> str:
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load every component with local_files_only; errors are one line naming what is wrong."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
     path = Path(model_dir).expanduser().resolve()
     check_folder(path)
