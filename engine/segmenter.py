@@ -138,12 +138,20 @@ class Segmenter:
         c_all = token_maps(levels, self.latent_hw)
         raw_all = raw_token_maps(levels, self.latent_hw)
         transitions = entropy_reduced_transition(recorder.mean("self"), self.settings.ent)
-        refined = []
+        x0 = []
         for index, entry in enumerate(entries):
             c = c_all[index]
             if self.settings.cluster:
                 c = cluster_means(c, kl_kmeans(c, self.latent_hw, self.settings.cluster_seeds, self.settings.cluster_iters))
-            refined.append(refine(transitions[index], class_columns(c, entry.spans), self.settings.iters))
+            x0.append(class_columns(c, entry.spans))
+        refined = list(x0)
+        by_class_count: dict[int, list[int]] = {}
+        for index, columns in enumerate(x0):
+            by_class_count.setdefault(columns.shape[1], []).append(index)
+        for indices in by_class_count.values():
+            together = refine(transitions[indices], torch.stack([x0[i] for i in indices]), self.settings.iters)
+            for position, index in enumerate(indices):
+                refined[index] = together[position]
         self._sync()
         after_refine = time.perf_counter()
         results = []
