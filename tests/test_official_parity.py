@@ -6,7 +6,12 @@ heads of all layers per resolution, mean, divide by the spatial sum, upsample to
 latent grid, weight 0.7/0.3; KL k-means with a Python loop over clusters; token means;
 min/sum normalisation; the transition from heads [1, 2] of the 64×64 self layer with
 column-max, log10 step, clamp and row normalisation; iterations; upsample to 512;
-min–max; upsample to the frame; cam-to-label. The engine's fast path must agree.
+min–max; upsample to the frame; cam-to-label.
+
+Both sides start from the same per-head probabilities (the engine's naive path), so
+what is compared is the method's arithmetic; that the fast capture path yields the
+same head means is tested separately (tests/test_segment_e2e.py). K-means near-ties
+make the end result sensitive to float rounding in the attention, as the spec notes.
 """
 
 import numpy as np
@@ -97,7 +102,7 @@ def test_engine_matches_the_official_pipeline_order(tiny_sd21, tmp_path, image_i
     segmenter = Segmenter.load(tiny_sd21, settings=settings, cache_dir=tmp_path)
     frame = read_image(sample_paths()[image_index])
     classes = ClassSet(("scratch", "fire hydrant"), "metal surface, table, background")
-    ours = segmenter.segment([frame], classes)[0]
+    ours = segmenter.segment([frame], classes, naive=True)[0]
 
     entry = segmenter.prepare(classes)
     latents = segmenter.encode([frame])

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from engine.image_io import read_image
 from engine.results import ClassSet
@@ -90,14 +91,27 @@ def test_per_frame_class_sets_in_one_batch(tiny_sd21, tmp_path):
     assert np.mean(alone.labels == results[1].labels) >= 0.999
 
 
-def test_fast_path_matches_the_naive_capture_everything_path(tiny_sd21, tmp_path):
-    segmenter = Segmenter.load(tiny_sd21, settings=SMALL, cache_dir=tmp_path)
-    frame = read_image(sample_paths()[0])
+def test_fast_path_captures_what_the_naive_path_does(tiny_sd21, tmp_path):
+    segmenter = Segmenter.load(tiny_sd21, settings=SMALL.replace(cluster=False), cache_dir=tmp_path)
+    frames = [read_image(p) for p in sample_paths()]
     classes = ClassSet(("scratch", "dent"))
-    fast = segmenter.segment([frame], classes)[0]
-    naive = segmenter.segment([frame], classes, naive=True)[0]
-    assert np.mean(fast.labels == naive.labels) >= 0.999
-    assert np.abs(fast.maps - naive.maps).max() < 1e-3
+    entry = segmenter.prepare(classes)
+    latents = segmenter.encode(frames)
+    embeddings = torch.stack([entry.embedding] * len(frames))
+    fast = segmenter.attention(latents, embeddings)
+    fast_means = {group: fast.mean(group).clone() for group in ("coarse", "mid", "self")}
+    naive = segmenter.attention(latents, embeddings, naive=True)
+    for group, mean in fast_means.items():
+        reference = naive.mean(group)
+        assert mean.shape == reference.shape
+        difference = float((mean - reference).abs().max())
+        assert difference < 1e-4, (group, difference)
+    assert fast.hw == naive.hw == {"coarse": (8, 8), "mid": (16, 16), "self": (32, 32)}
+    ours = segmenter.segment(frames, classes)
+    theirs = segmenter.segment(frames, classes, naive=True)
+    for a, b in zip(ours, theirs):
+        assert np.mean(a.labels == b.labels) >= 0.999
+        assert np.abs(a.maps - b.maps).max() < 1e-3
 
 
 def test_interactive_point_box_and_scribble(tiny_sd21, tmp_path):

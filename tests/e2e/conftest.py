@@ -3,10 +3,8 @@ running `iseg run` daemon (a real process tree) with helpers to read its HTTP en
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,24 +19,12 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-TINY_CACHE = REPO / ".cache" / "iseg-tests" / "tiny-sd21"
 
 
 @pytest.fixture(scope="session")
-def tiny_model() -> Path:
-    """A tiny random-weight SD 2.1-topology model, built once per checkout (about a minute)."""
-    if not (TINY_CACHE / "model_index.json").is_file():
-        TINY_CACHE.parent.mkdir(parents=True, exist_ok=True)
-        with open(TINY_CACHE.parent / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (TINY_CACHE / "model_index.json").is_file():
-                from engine.tiny_model import build_tiny_model
-
-                building = TINY_CACHE.with_name("tiny-sd21.building")
-                shutil.rmtree(building, ignore_errors=True)
-                build_tiny_model(building, family="sd21", seed=0, progress=lambda _line: None)
-                os.rename(building, TINY_CACHE)
-    return TINY_CACHE
+def tiny_model(tiny_sd21: Path) -> Path:
+    """The shared tiny SD 2.1-topology model (tests/conftest.py builds it once)."""
+    return tiny_sd21
 
 
 def free_port() -> int:
