@@ -3,6 +3,8 @@ config, engine-only frames/s on the same frames, their ratio (transport overhead
 capture→worker transport alone with 1920×1080 frames.
 
     python scripts/bench_daemon.py [--json out/bench_daemon.json] [--seconds 40]
+    python scripts/bench_daemon.py --model DIR --device cuda --dtype float16 --cameras 4 --fps 30
+        (a line setup: N synthetic cameras at F fps on a given model, 512×512; the GPU script uses it)
 
 The demo runs as real processes (`iseg run`); numbers depend on the machine, so the JSON
 records its CPU count and the torch thread setting.
@@ -41,14 +43,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+LINE: dict = {}
+"""Overrides for a line setup (--model/--device/--dtype/--cameras); empty for the demo."""
+
+
 def demo_config(workdir: Path, fps: float | None) -> Path:
-    """The demo config with its own state dir and port; the model stays the repo's demo model."""
+    """The demo config with its own state dir and port; the model stays the repo's demo model
+    unless a line setup replaces model, device, dtype, size and the camera list."""
     doc = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     doc["state_dir"] = str(workdir / "state")
     doc["engine"]["model_dir"] = str(REPO / "models" / "tiny-sd21")
     doc["metrics"]["listen"] = f"127.0.0.1:{free_port()}"
     if fps is not None:
         doc["cameras"][0]["fps"] = fps
+    if LINE:
+        doc["engine"].update(model_dir=LINE["model"], device=LINE["device"], dtype=LINE["dtype"],
+                             build_tiny_if_missing=False)
+        doc["engine"]["settings"]["size"] = 512
+        doc["worker"].update(batch_size=LINE["batch"], max_wait_ms=20)
+        template = doc["cameras"][0]
+        template["synthetic"].update(width=1280, height=720)
+        doc["cameras"] = [dict(template, id=f"belt{i + 1}", fps=fps or LINE["fps"],
+                               synthetic=dict(template["synthetic"], seed=i + 1)) for i in range(LINE["cameras"])]
     path = workdir / "demo.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -98,7 +114,8 @@ def run_demo(seconds: float, fps: float | None, warmup: float = 8.0) -> dict:
             sub.close(0)
             ctx.term()
             log.close()
-        final = json.loads((workdir / "state" / "last_stats.json").read_text())["cameras"]["belt1"]
+        cameras = json.loads((workdir / "state" / "last_stats.json").read_text())["cameras"]
+        final = {key: sum(c.get(key) or 0 for c in cameras.values()) for key in ("captured", "dropped", "published")}
     return {"camera_fps_limit": fps, "seconds": round(elapsed, 1), "frames": len(frame_latency),
             "frames_per_s": len(frame_latency) / elapsed,
             "capture_to_publish_ms": {"p50": percentile(frame_latency, 50), "p99": percentile(frame_latency, 99)},
@@ -166,7 +183,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=40.0, help="measurement window per demo run")
     parser.add_argument("--engine-frames", type=int, default=40)
     parser.add_argument("--transport-frames", type=int, default=300)
+    parser.add_argument("--model", help="line setup: a model folder instead of the demo's tiny model")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--cameras", type=int, default=4)
+    parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument("--batch", type=int, default=8, help="worker batch size in a line setup (8)")
     args = parser.parse_args()
+    if args.model:
+        LINE.update(model=args.model, device=args.device, dtype=args.dtype, cameras=args.cameras,
+                    fps=args.fps, batch=args.batch)
     config = load_config(demo_config(Path(tempfile.mkdtemp(prefix="iseg-bench-")), None))
     ensure_model(config)
     with tempfile.TemporaryDirectory(prefix="iseg-ipc-") as tmp:
@@ -174,7 +200,7 @@ def main() -> int:
     tcp = transport(args.transport_frames, "tcp://127.0.0.1:0")
     engine = engine_only(args.engine_frames)
     demo = run_demo(args.seconds, None)
-    saturated = run_demo(args.seconds, 50.0)
+    saturated = run_demo(args.seconds, 50.0) if not LINE else demo
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "device": config.engine.device},

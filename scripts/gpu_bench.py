@@ -119,8 +119,9 @@ def main() -> int:
         script = Path(__file__).with_name("bench_daemon.py")
         json_path = out.with_name("daemon_bench.json")
         command = [sys.executable, str(script), "--model", str(model_dir), "--device", "cuda", "--dtype", "float16",
-                   "--cameras", "4", "--fps", "30", "--seconds", str(args.daemon_seconds), "--json", str(json_path)]
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=args.daemon_seconds + 150)
+                   "--cameras", "4", "--fps", "30", "--batch", "8", "--seconds", str(args.daemon_seconds),
+                   "--engine-frames", "32", "--json", str(json_path)]
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=args.daemon_seconds + 240)
         if completed.returncode != 0:
             return {"error": completed.stderr[-3000:], "command": command}
         return json.loads(json_path.read_text())
