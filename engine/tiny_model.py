@@ -41,7 +41,6 @@ from transformers.utils import logging as hf_logging
 
 from engine.clip_vocab import VOCAB_SIZE, locate_vocab, write_clip_tokenizer
 
-TINY_MODEL_VERSION = 1  # bump whenever a build's bytes change, so cached test models are rebuilt
 IMAGE_SIZE = 512
 SD_SCALING = 0.18215
 LATENT_SIZE = 64
