@@ -201,10 +201,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             from engine.onnx_backend import onnx_backend_factory
             from engine.onnx_export import export_onnx
+            heads = "-".join(map(str, torch_segmenter.torch_backend.self_heads or ["all"]))
             onnx_dir = Path(run["onnx_dir"]) if run["onnx_dir"] else (
-                default_cache_dir() / "onnx" / f"{torch_segmenter.fingerprint}-{settings.size}")
+                default_cache_dir() / "onnx" / f"{torch_segmenter.fingerprint}-{settings.size}-h{heads}")
             if not (onnx_dir / "manifest.json").is_file():
-                export_onnx(run["model"], onnx_dir, size=settings.size)
+                export_onnx(run["model"], onnx_dir, size=settings.size, self_heads=settings.self_heads,
+                            device=run["device"], dtype=run["dtype"])
             segmenters[name] = Segmenter(torch_segmenter.model, settings, torch_segmenter.text_cache_dir,
                                          backend=onnx_backend_factory(onnx_dir))
     report = run_bench(segmenters, frames=args.frames, batches=tuple(args.batch), naive=not args.no_naive)
@@ -213,6 +215,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    """Both ONNX graphs and their manifest for one model, size and head selection."""
+    from engine.onnx_export import export_onnx
+
+    export_onnx(args.model, args.out, size=args.size, opset=args.opset,
+                self_heads=parse_self_heads(args.self_heads), device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -259,6 +270,18 @@ def register(subparsers: Any) -> None:
     tiny.add_argument("--family", choices=("sd15", "sd21"), default="sd21")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_make_tiny_model)
+
+    export = subparsers.add_parser("export-onnx", help="export the VAE encoder and the attention graph for --backend onnx")
+    export.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder")
+    export.add_argument("--out", required=True, help="folder to write the graphs and manifest.json to")
+    export.add_argument("--size", type=int, default=512, help="square input size the engine runs at (512)")
+    export.add_argument("--self-heads", dest="self_heads", default="auto",
+                        help="self-attention heads: all | auto | 1,2 (auto); must match the engine's setting")
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset (17)")
+    export.add_argument("--device", default="cpu", help="device to trace on: cpu | cuda | cuda:N (cpu)")
+    export.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                        help="weights dtype; the engine must load the model with the same one (float32)")
+    export.set_defaults(func=cmd_export_onnx)
 
 
 def main(argv: list[str] | None = None) -> int:

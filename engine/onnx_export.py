@@ -16,7 +16,6 @@ ONNX backend refuses an export that does not match the model, size or head selec
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -32,7 +31,7 @@ from engine.attention_capture import AttentionRecorder, StopUNet, install_fast, 
 from engine.errors import ModelLoadError, SettingsError
 from engine.layers import Group
 from engine.model_loader import LoadedModel, load_model
-from engine.settings import IsegSettings, parse_self_heads
+from engine.settings import IsegSettings
 
 MANIFEST = "manifest.json"
 VAE_FILE = "vae_encoder.onnx"
@@ -203,26 +202,3 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, size: int = 512, ops
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     progress(f"exported to {out} in {time.perf_counter() - start:.1f} s")
     return manifest
-
-
-def cmd_export_onnx(args: argparse.Namespace) -> int:
-    """`iseg export-onnx`: both graphs and the manifest for one model, size and head selection."""
-    export_onnx(args.model, args.out, size=args.size, opset=args.opset,
-                self_heads=parse_self_heads(args.self_heads), device=args.device, dtype=args.dtype)
-    return 0
-
-
-def register_onnx(subparsers: Any) -> None:
-    """Add `export-onnx` to the product's argparse subparsers."""
-    parser = subparsers.add_parser("export-onnx",
-                                   help="export the VAE encoder and the attention graph for --backend onnx")
-    parser.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder")
-    parser.add_argument("--out", required=True, help="folder to write the graphs and manifest.json to")
-    parser.add_argument("--size", type=int, default=512, help="square input size the engine runs at (512)")
-    parser.add_argument("--self-heads", dest="self_heads", default="auto",
-                        help="self-attention heads: all | auto | 1,2 (auto); must match the engine's setting")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (17)")
-    parser.add_argument("--device", default="cpu", help="device to trace on: cpu | cuda | cuda:N (cpu)")
-    parser.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32",
-                        help="weights dtype; the engine must load the model with the same one (float32)")
-    parser.set_defaults(func=cmd_export_onnx)

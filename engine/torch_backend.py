@@ -6,6 +6,7 @@ import torch
 
 from engine.attention_capture import (AttentionRecorder, StopUNet, install_fast, install_naive,
                                       naive_to_recorder, resolve_self_heads)
+from engine.layers import READ_LAYERS, resolve
 from engine.model_loader import LoadedModel
 from engine.settings import IsegSettings
 
@@ -29,9 +30,15 @@ class TorchBackend:
         pixels = pixels.to(self.model.device, self.model.dtype)
         return self.model.vae.encode(pixels).latent_dist.mean * self.model.vae.config.scaling_factor
 
+    def _ensure_installed(self) -> None:
+        """Put this backend's processors back if another Segmenter on the same model replaced them."""
+        if getattr(resolve(self.model.unet, READ_LAYERS[-1]).processor, "recorder", None) is not self.recorder:
+            install_fast(self.model.unet, self.recorder, self.self_heads, self._latent_ref)
+
     @torch.no_grad()
     def attention(self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> AttentionRecorder:
         """One UNet forward that stops after the last read layer; the recorder holds the head means."""
+        self._ensure_installed()
         self.recorder.reset()
         try:
             self.model.unet(latents, timestep, encoder_hidden_states=embeddings)

@@ -54,7 +54,7 @@ def test_eval_reports_miou_per_class_and_json(tiny_sd21, tmp_path):
 def test_bench_writes_the_promised_keys(tiny_sd21, tmp_path):
     out = tmp_path / "bench.json"
     result = run_iseg("bench", "--model", str(tiny_sd21), "--size", "256", "--frames", "2", "--batch", "1", "2",
-                      "--json", str(out), cache_dir=tmp_path / "c")
+                      "--backend", "both", "--json", str(out), cache_dir=tmp_path / "c")
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     for key in ("fast_fps", "naive_fps", "speedup_vs_naive"):
@@ -64,3 +64,7 @@ def test_bench_writes_the_promised_keys(tiny_sd21, tmp_path):
         assert {"vae_ms", "unet_ms", "refine_ms", "total_ms"} <= set(stages)
         assert report["backends"]["torch"][batch]["peak_host_mb"] > 0
     assert report["naive_label_agreement"] >= 0.999
+    assert set(report["backends"]) == {"torch", "onnx"}
+    assert report["onnx_over_torch_time"] > 0
+    assert set(report["onnx_over_torch_time_by_batch"]) == {"1", "2"}
+    assert report["gflop_per_frame"] > 0

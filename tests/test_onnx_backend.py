@@ -13,7 +13,8 @@ import torch
 from engine.errors import ModelLoadError
 from engine.image_io import read_image
 from engine.onnx_backend import OnnxBackend, onnx_backend_factory
-from engine.onnx_export import GROUPS, MANIFEST, UNET_FILE, VAE_FILE, export_onnx, register_onnx
+from engine.onnx_export import GROUPS, MANIFEST, UNET_FILE, VAE_FILE, export_onnx
+from engine.cli import register
 from engine.results import ClassSet
 from engine.samples_index import sample_paths
 from engine.segmenter import Segmenter
@@ -158,7 +159,7 @@ def test_missing_onnxruntime_says_which_extra_to_install(pair, export, monkeypat
 
 def test_cli_exports_with_all_self_heads_and_matches_torch(tiny_sd21, tmp_path, frames, capsys):
     parser = argparse.ArgumentParser(prog="iseg")
-    register_onnx(parser.add_subparsers(dest="command", required=True))
+    register(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "all-heads"
     args = parser.parse_args(["export-onnx", "--model", str(tiny_sd21), "--out", str(out), "--size", "128",
                               "--self-heads", "all"])
