@@ -134,6 +134,9 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32
         module.requires_grad_(False)
         module.eval()
         module.to(torch_device)
+    if torch_device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
     family = _family(unet.config)
     log.info("loaded %s (%s) on %s as %s", path, family, torch_device, dtype)
     return LoadedModel(path=path, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
