@@ -24,7 +24,8 @@ from engine.settings import IsegSettings, parse_self_heads
 log = logging.getLogger("engine.cli")
 
 SETTING_OPTIONS = ("size", "timestep", "seed", "enhance", "ent", "iters", "cluster", "self_heads", "background", "bg_context")
-RUN_OPTIONS = ("model", "device", "dtype", "classes", "out", "save_maps", "batch_size", "cache_dir", "backend", "onnx_dir")
+RUN_OPTIONS = ("model", "device", "dtype", "classes", "out", "save_maps", "batch_size", "cache_dir", "backend", "onnx_dir",
+               "compile")
 
 
 def _add_method_options(parser: argparse.ArgumentParser, backends: tuple[str, ...] = ("torch", "onnx")) -> None:
@@ -47,6 +48,8 @@ def _add_method_options(parser: argparse.ArgumentParser, backends: tuple[str, ..
     parser.add_argument("--cache-dir", dest="cache_dir", help="text-embedding cache folder (~/.cache/iseg)")
     parser.add_argument("--backend", choices=backends, help="torch, or onnx for a graph from `iseg export-onnx` (torch)")
     parser.add_argument("--onnx-dir", dest="onnx_dir", help="folder written by `iseg export-onnx` (for --backend onnx)")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the convolution/feed-forward blocks (static shapes; first batch compiles)")
     parser.add_argument("--config", help="YAML file with the same keys as these options")
 
 
@@ -113,7 +116,8 @@ def _load_segmenter(settings: IsegSettings, run: dict[str, Any]):
     from engine.segmenter import Segmenter
     cache_dir = Path(run["cache_dir"]) if run["cache_dir"] else default_cache_dir()
     return Segmenter.load(run["model"], device=run["device"], dtype=run["dtype"], settings=settings, cache_dir=cache_dir,
-                          backend=run["backend"] or "torch", onnx_dir=Path(run["onnx_dir"]) if run["onnx_dir"] else None)
+                          backend=run["backend"] or "torch", onnx_dir=Path(run["onnx_dir"]) if run["onnx_dir"] else None,
+                          compile_blocks=bool(run["compile"]))
 
 
 def cmd_segment(args: argparse.Namespace) -> int:

@@ -39,13 +39,13 @@ class Segmenter:
     """
 
     def __init__(self, model: LoadedModel, settings: IsegSettings | None = None, cache_dir: Path | None = None,
-                 backend: Any = None) -> None:
+                 backend: Any = None, compile_blocks: bool = False) -> None:
         self.model = model
         self.settings = settings or IsegSettings()
         side = self.settings.size // model.vae_scale
         self.latent_hw = (side, side)
         self.text_cache_dir = cache_dir
-        self.torch_backend = TorchBackend(model, self.settings, self.latent_hw)
+        self.torch_backend = TorchBackend(model, self.settings, self.latent_hw, compile_blocks)
         self.backend = backend(model, self.settings, self.latent_hw) if backend is not None else self.torch_backend
         self.text_cache = TextEmbeddingCache(self._encode_text, model.tokenizer, model.fingerprint,
                                              self.settings.enhance, cache_dir, model.device)
@@ -58,15 +58,17 @@ class Segmenter:
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
              settings: IsegSettings | None = None, cache_dir: Path | None = None,
-             backend: str = "torch", onnx_dir: Path | None = None) -> "Segmenter":
+             backend: str = "torch", onnx_dir: Path | None = None, compile_blocks: bool = False) -> "Segmenter":
         """Load a local model folder and set the method up on it.
 
         backend "onnx" runs the VAE encoder and the attention graph exported by
         `iseg export-onnx` (from `onnx_dir`) with ONNX Runtime instead of torch.
+        compile_blocks torch.compiles the convolution/feed-forward blocks (static shapes;
+        the first batch of each shape pays the compilation).
         """
         model = load_model(model_dir, device=device, dtype=dtype)
         if backend == "torch":
-            return cls(model, settings, cache_dir)
+            return cls(model, settings, cache_dir, compile_blocks=compile_blocks)
         if backend == "onnx":
             from engine.onnx_backend import onnx_backend_factory
             return cls(model, settings, cache_dir, backend=onnx_backend_factory(onnx_dir))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention import FeedForward
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 from engine.attention_capture import (AttentionRecorder, StopUNet, install_fast, install_naive,
                                       naive_to_recorder, resolve_self_heads)
@@ -16,13 +18,16 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: LoadedModel, settings: IsegSettings, latent_hw: tuple[int, int]) -> None:
+    def __init__(self, model: LoadedModel, settings: IsegSettings, latent_hw: tuple[int, int],
+                 compile_blocks: bool = False) -> None:
         self.model = model
         self.latent_hw = latent_hw
         self._latent_ref = [latent_hw]
         self.self_heads = resolve_self_heads(model.unet, settings.self_heads, model.family)
         self.recorder = AttentionRecorder()
         install_fast(model.unet, self.recorder, self.self_heads, self._latent_ref)
+        if compile_blocks:
+            compile_static_blocks(model)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -59,3 +64,20 @@ class TorchBackend:
         finally:
             install_fast(self.model.unet, self.recorder, self.self_heads, self._latent_ref)
         return naive_to_recorder(store, self.self_heads, self.latent_hw)
+
+
+COMPILED_BLOCKS = (ResnetBlock2D, Downsample2D, Upsample2D, FeedForward)
+"""Convolution and feed-forward blocks: all the FLOPs outside attention, and no Python state."""
+
+
+def compile_static_blocks(model: LoadedModel) -> int:
+    """torch.compile (static shapes) every ResNet, resampling and feed-forward block of the UNet
+    and the VAE encoder; the attention processors stay eager because they record into Python
+    objects and stop the forward. Returns how many blocks were wrapped."""
+    count = 0
+    for root in (model.unet, model.vae.encoder):
+        for module in root.modules():
+            if isinstance(module, COMPILED_BLOCKS):
+                module.forward = torch.compile(module.forward, dynamic=False)
+                count += 1
+    return count

@@ -5,6 +5,7 @@ reports what it measured:
   1. build the random full-width model (no download);
   2. torch fast path at batch 1/4/8/16: frames/s, per-stage ms, p50/p99, peak host and
      device memory, GFLOP/frame, achieved TFLOP/s and MFU; the naive path at batch 1;
+     then the same with the convolution/feed-forward blocks torch.compiled (batch 1 and 16);
   3. ONNX Runtime on the same frames when its CUDA/TensorRT provider is present;
   4. the daemon end to end with 4 synthetic cameras at 30 fps (scripts/bench_daemon.py).
 """
@@ -26,6 +27,7 @@ from engine.bench import bench_frames, flops_per_frame, measure, peak_tflops
 from engine.full_size import build_full_size_model
 from engine.segmenter import Segmenter
 from engine.settings import IsegSettings
+from engine.torch_backend import compile_static_blocks
 
 BATCHES = (1, 4, 8, 16)
 
@@ -89,6 +91,17 @@ def main() -> int:
         return result
 
     section("torch_fp16", torch_bench)
+
+    def compiled_bench() -> dict:
+        segmenter = state["torch"]
+        blocks = compile_static_blocks(segmenter.model)
+        result = {"compiled_blocks": blocks, "batches": {}}
+        for batch in (1, 16):
+            result["batches"][str(batch)] = measure(segmenter, frames, batch)
+            save()
+        return result
+
+    section("torch_fp16_compiled", compiled_bench)
 
     def onnx_bench() -> dict:
         import onnxruntime
