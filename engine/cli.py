@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -18,10 +17,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from engine.errors import EngineError, InputError, SettingsError
+from engine.errors import InputError, SettingsError
 from engine.settings import IsegSettings, parse_self_heads
 
-log = logging.getLogger("engine.cli")
 
 SETTING_OPTIONS = ("size", "timestep", "seed", "enhance", "ent", "iters", "cluster", "self_heads", "background", "bg_context")
 RUN_OPTIONS = ("model", "device", "dtype", "classes", "out", "save_maps", "batch_size", "cache_dir", "backend", "onnx_dir",
@@ -286,20 +284,3 @@ def register(subparsers: Any) -> None:
     export.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                         help="weights dtype; the engine must load the model with the same one (float32)")
     export.set_defaults(func=cmd_export_onnx)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m engine.cli`: the engine commands alone (the product uses daemon.cli)."""
-    parser = argparse.ArgumentParser(prog="iseg")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except EngineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
