@@ -109,7 +109,7 @@ def flops_per_frame(segmenter: Any, frames: list[np.ndarray]) -> float:
     with FlopCounterMode(display=False) as counter:
         pixels = frames_to_batch(frames[:1], segmenter.settings.size, segmenter.model.device)
         latents = segmenter.torch_backend.encode(pixels)
-        segmenter.torch_backend.attention(latents, segmenter._timestep, entry.embedding[None].to(segmenter.model.dtype))
+        segmenter.torch_backend.attention(latents, segmenter.timestep, entry.embedding[None].to(segmenter.model.dtype))
     return float(counter.get_total_flops())
 
 

@@ -21,30 +21,27 @@ class CrossLevel:
     weight: float
 
 
-def _levels_on_latent(levels: list[CrossLevel], latent_hw: tuple[int, int], normalise: bool) -> torch.Tensor:
-    total = None
+def token_maps(levels: list[CrossLevel], latent_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, raw), both [B, N, T] on the latent grid, from one upsampling per level.
+
+    C: each token map divided by its spatial sum at its own resolution, upsampled, weighted
+    (ISEG_SPEC §3). raw: the same without the division, i.e. attention shares in [0, 1]
+    (the presence score reads it). Bilinear upsampling is linear, so dividing after it by
+    the pre-upsampling sum is the spec's order of operations.
+    """
+    c_total, raw_total = None, None
     for level in levels:
         batch, _, tokens = level.probs.shape
         maps = level.probs.float().transpose(1, 2).reshape(batch, tokens, *level.hw)
-        if normalise:
-            mass = maps.sum(dim=(-2, -1), keepdim=True)
-            maps = maps / torch.where(mass > 0, mass, torch.ones_like(mass))
+        mass = maps.sum(dim=(-2, -1), keepdim=True)
         if tuple(level.hw) != tuple(latent_hw):
             maps = F.interpolate(maps, size=latent_hw, mode="bilinear", align_corners=False)
-        weighted = level.weight * maps
-        total = weighted if total is None else total + weighted
-    assert total is not None, "at least one cross-attention level is required"
-    return total.flatten(-2).transpose(1, 2)
-
-
-def token_maps(levels: list[CrossLevel], latent_hw: tuple[int, int]) -> torch.Tensor:
-    """C [B, N, T]: each token map divided by its spatial sum, upsampled to the latent grid, weighted."""
-    return _levels_on_latent(levels, latent_hw, normalise=True)
-
-
-def raw_token_maps(levels: list[CrossLevel], latent_hw: tuple[int, int]) -> torch.Tensor:
-    """The same combination without the spatial normalisation: attention shares in [0, 1]."""
-    return _levels_on_latent(levels, latent_hw, normalise=False)
+        raw = level.weight * maps
+        c = raw / torch.where(mass > 0, mass, torch.ones_like(mass))
+        c_total = c if c_total is None else c_total + c
+        raw_total = raw if raw_total is None else raw_total + raw
+    assert c_total is not None and raw_total is not None, "at least one cross-attention level is required"
+    return c_total.flatten(-2).transpose(1, 2), raw_total.flatten(-2).transpose(1, 2)
 
 
 def class_columns(c: torch.Tensor, spans: list[list[int]]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from engine.attention_capture import AttentionRecorder
 from engine.clustering import cluster_means, kl_kmeans
-from engine.cross_maps import CrossLevel, class_columns, raw_token_maps, token_maps
+from engine.cross_maps import CrossLevel, class_columns, token_maps
 from engine.ent_self import entropy_reduced_transition
 from engine.errors import InputError
 from engine.interactive import box_column, point_columns, prompt_mask
@@ -52,7 +52,8 @@ class Segmenter:
         generator = torch.Generator("cpu").manual_seed(self.settings.seed)
         channels = model.vae.config.latent_channels
         self._noise = torch.randn((1, channels, *self.latent_hw), generator=generator).to(model.device, model.dtype)
-        self._timestep = torch.tensor(self.settings.timestep, device=model.device)
+        self.timestep = torch.tensor(self.settings.timestep, device=model.device)
+        self._noise_timestep = torch.tensor([self.settings.timestep])
         self._empty_embedding: torch.Tensor | None = None
 
     @classmethod
@@ -97,13 +98,13 @@ class Segmenter:
         """z_t [B, C, h, w]: VAE posterior mean × scaling factor, plus the fixed seeded noise at t."""
         z0 = self.backend.encode(frames_to_batch(list(frames), self.settings.size, self.model.device))
         noise = self._noise.to(z0.device, z0.dtype).expand_as(z0)
-        return self.model.scheduler.add_noise(z0, noise, self._timestep.reshape(1).cpu()).to(z0.dtype)
+        return self.model.scheduler.add_noise(z0, noise, self._noise_timestep).to(z0.dtype)
 
     def attention(self, latents: torch.Tensor, embeddings: torch.Tensor, naive: bool = False) -> AttentionRecorder:
         """Head-mean attention of the read layers for one batch (naive: the reference torch path)."""
         if naive:
-            return self.torch_backend.naive_attention(latents, self._timestep, embeddings)
-        return self.backend.attention(latents, self._timestep, embeddings)
+            return self.torch_backend.naive_attention(latents, self.timestep, embeddings)
+        return self.backend.attention(latents, self.timestep, embeddings)
 
     def _levels(self, recorder: AttentionRecorder) -> list[CrossLevel]:
         coarse_weight, mid_weight = self.settings.cross_weights
@@ -137,8 +138,7 @@ class Segmenter:
         self._sync()
         after_unet = time.perf_counter()
         levels = self._levels(recorder)
-        c_all = token_maps(levels, self.latent_hw)
-        raw_all = raw_token_maps(levels, self.latent_hw)
+        c_all, raw_all = token_maps(levels, self.latent_hw)
         transitions = entropy_reduced_transition(recorder.mean("self"), self.settings.ent)
         x0 = []
         for index, entry in enumerate(entries):

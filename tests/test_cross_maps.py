@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.cross_maps import CrossLevel, class_columns, raw_token_maps, token_maps
+from engine.cross_maps import CrossLevel, class_columns, token_maps
 from engine.interactive import box_column, point_columns, prompt_mask
 from engine.presence import presence_scores
 
@@ -11,9 +11,8 @@ def test_token_maps_normalise_upsample_and_weight():
     # One level at 2×2, 2 tokens, latent 2×2 (no resampling): token 0 probs [1,1,1,1]·0.25 →
     # normalised 0.25 each; token 1 probs [0.75,0.75,0.75,0.75]·… → 0.25 each as well.
     probs = torch.tensor([[[0.25, 0.75]] * 4])
-    c = token_maps([CrossLevel(probs, (2, 2), 0.7)], (2, 2))
+    c, raw = token_maps([CrossLevel(probs, (2, 2), 0.7)], (2, 2))
     assert torch.allclose(c, torch.full((1, 4, 2), 0.7 * 0.25))
-    raw = raw_token_maps([CrossLevel(probs, (2, 2), 0.7)], (2, 2))
     assert torch.allclose(raw[0, :, 1], torch.full((4,), 0.7 * 0.75))
 
 
@@ -21,7 +20,7 @@ def test_each_level_sums_to_its_weight_after_upsampling():
     torch.manual_seed(0)
     coarse = torch.softmax(torch.randn(2, 16, 5), -1)
     mid = torch.softmax(torch.randn(2, 64, 5), -1)
-    c = token_maps([CrossLevel(coarse, (4, 4), 0.7), CrossLevel(mid, (8, 8), 0.3)], (16, 16))
+    c, _ = token_maps([CrossLevel(coarse, (4, 4), 0.7), CrossLevel(mid, (8, 8), 0.3)], (16, 16))
     assert c.shape == (2, 256, 5)
     # Bilinear upsampling by an integer factor keeps the mean, so each token sums to (0.7+0.3)·16²/… ≈ 16.
     assert torch.allclose(c.sum(1), torch.full((2, 5), 256 / 16 * 0.7 + 256 / 64 * 0.3), rtol=0.05)

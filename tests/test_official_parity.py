@@ -110,7 +110,7 @@ def test_engine_matches_the_official_pipeline_order(tiny_sd21, tmp_path, image_i
     unet = segmenter.model.unet
     install_naive(unet, store)
     with torch.no_grad():
-        unet(latents, segmenter._timestep, encoder_hidden_states=entry.embedding[None])
+        unet(latents, segmenter.timestep, encoder_hidden_states=entry.embedding[None])
     backend = segmenter.torch_backend
     install_fast(unet, backend.recorder, backend.self_heads, [segmenter.latent_hw])
     maps, labels = _reference(store, entry.spans, settings, segmenter.latent_hw[0], frame.shape[:2])
