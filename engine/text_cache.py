@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from engine.prompt import PROMPT_TEMPLATE_VERSION, tokenize_prompt
 from engine.results import ClassSet
@@ -88,14 +89,14 @@ class TextEmbeddingCache:
         if path is None or not path.exists():
             return None
         try:
-            tensors = load_file(str(path))
-            with open(path, "rb") as handle:
-                header_len = int.from_bytes(handle.read(8), "little")
-                meta = json.loads(handle.read(header_len))["__metadata__"]
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata()
+                embedding = handle.get_tensor("embedding")
             spans = json.loads(meta["spans"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             return None
-        embedding = tensors["embedding"].to(self._device) if self._device is not None else tensors["embedding"]
+        if self._device is not None:
+            embedding = embedding.to(self._device)
         return TextEntry(embedding=embedding, spans=spans, prompt=meta["prompt"])
 
     def _store(self, class_set: ClassSet, entry: TextEntry) -> None:
