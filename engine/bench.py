@@ -108,8 +108,9 @@ def flops_per_frame(segmenter: Any, frames: list[np.ndarray]) -> float:
     entry = segmenter.prepare(BENCH_CLASSES)
     with FlopCounterMode(display=False) as counter:
         pixels = frames_to_batch(frames[:1], segmenter.settings.size, segmenter.model.device)
-        latents = segmenter.torch_backend.encode(pixels)
-        segmenter.torch_backend.attention(latents, segmenter.timestep, entry.embedding[None].to(segmenter.model.dtype))
+        backend = segmenter.torch_backend
+        latents = backend.encode_eager(pixels)[0]
+        backend.attention_sums(latents, segmenter.timestep.reshape(1), entry.embedding[None].to(segmenter.model.dtype))
     return float(counter.get_total_flops())
 
 
@@ -127,6 +128,7 @@ def run_bench(segmenters: dict[str, Any], frames: int = 8, batches: tuple[int, .
         "dtype": str(model.dtype).replace("torch.", ""), "size": first.settings.size,
         "frame_hw": list(images[0].shape[:2]), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "backends": {},
+        "cuda_graphs": first.torch_backend.cuda_graphs,
     }
     if model.device.type == "cuda":
         report["device_name"] = torch.cuda.get_device_name(model.device)

@@ -23,7 +23,7 @@ from engine.settings import IsegSettings, parse_self_heads
 
 SETTING_OPTIONS = ("size", "timestep", "seed", "enhance", "ent", "iters", "cluster", "self_heads", "background", "bg_context")
 RUN_OPTIONS = ("model", "device", "dtype", "classes", "out", "save_maps", "batch_size", "cache_dir", "backend", "onnx_dir",
-               "compile")
+               "compile", "cuda_graphs")
 
 
 def _add_method_options(parser: argparse.ArgumentParser, backends: tuple[str, ...] = ("torch", "onnx")) -> None:
@@ -48,6 +48,9 @@ def _add_method_options(parser: argparse.ArgumentParser, backends: tuple[str, ..
     parser.add_argument("--onnx-dir", dest="onnx_dir", help="folder written by `iseg export-onnx` (for --backend onnx)")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="torch.compile the convolution/feed-forward blocks (static shapes; first batch compiles)")
+    parser.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
+                        help="replay the VAE encode and UNet forward from CUDA graphs captured per batch size "
+                             "(CUDA, torch backend; batches padded to 1, 2, 4, … up to --batch-size)")
     parser.add_argument("--config", help="YAML file with the same keys as these options")
 
 
@@ -110,12 +113,13 @@ def _parse_classes(value: Any) -> tuple[str, ...]:
     return tuple(part for part in str(value).split(","))
 
 
-def _load_segmenter(settings: IsegSettings, run: dict[str, Any]):
+def _load_segmenter(settings: IsegSettings, run: dict[str, Any], max_batch: int | None = None):
     from engine.segmenter import Segmenter
     cache_dir = Path(run["cache_dir"]) if run["cache_dir"] else default_cache_dir()
     return Segmenter.load(run["model"], device=run["device"], dtype=run["dtype"], settings=settings, cache_dir=cache_dir,
                           backend=run["backend"] or "torch", onnx_dir=Path(run["onnx_dir"]) if run["onnx_dir"] else None,
-                          compile_blocks=bool(run["compile"]))
+                          compile_blocks=bool(run["compile"]), cuda_graphs=bool(run["cuda_graphs"]),
+                          max_batch=max_batch or run["batch_size"])
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -195,7 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.model = str(build_full_size_model(default_cache_dir() / f"full-size-{args.family}", family=args.family))
     settings, run = resolve_options(args)
     names = ("torch", "onnx") if run["backend"] == "both" else (run["backend"] or "torch",)
-    torch_segmenter = _load_segmenter(settings, dict(run, backend="torch"))
+    torch_segmenter = _load_segmenter(settings, dict(run, backend="torch"), max_batch=max(args.batch))
     segmenters = {}
     for name in names:
         if name == "torch":

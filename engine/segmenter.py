@@ -14,7 +14,7 @@ from engine.attention_capture import AttentionRecorder
 from engine.clustering import cluster_means, kl_kmeans
 from engine.cross_maps import CrossLevel, class_columns, token_maps
 from engine.ent_self import entropy_reduced_transition
-from engine.errors import InputError
+from engine.errors import InputError, SettingsError
 from engine.interactive import box_column, point_columns, prompt_mask
 from engine.masks import class_maps, label_mask
 from engine.model_loader import LoadedModel, load_model
@@ -39,13 +39,14 @@ class Segmenter:
     """
 
     def __init__(self, model: LoadedModel, settings: IsegSettings | None = None, cache_dir: Path | None = None,
-                 backend: Any = None, compile_blocks: bool = False) -> None:
+                 backend: Any = None, compile_blocks: bool = False, cuda_graphs: bool = False,
+                 max_batch: int = 16) -> None:
         self.model = model
         self.settings = settings or IsegSettings()
         side = self.settings.size // model.vae_scale
         self.latent_hw = (side, side)
         self.text_cache_dir = cache_dir
-        self.torch_backend = TorchBackend(model, self.settings, self.latent_hw, compile_blocks)
+        self.torch_backend = TorchBackend(model, self.settings, self.latent_hw, compile_blocks, cuda_graphs, max_batch)
         self.backend = backend(model, self.settings, self.latent_hw) if backend is not None else self.torch_backend
         self.text_cache = TextEmbeddingCache(self._encode_text, model.tokenizer, model.fingerprint,
                                              self.settings.enhance, cache_dir, model.device)
@@ -59,17 +60,25 @@ class Segmenter:
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
              settings: IsegSettings | None = None, cache_dir: Path | None = None,
-             backend: str = "torch", onnx_dir: Path | None = None, compile_blocks: bool = False) -> "Segmenter":
+             backend: str = "torch", onnx_dir: Path | None = None, compile_blocks: bool = False,
+             cuda_graphs: bool = False, max_batch: int = 16) -> "Segmenter":
         """Load a local model folder and set the method up on it.
 
         backend "onnx" runs the VAE encoder and the attention graph exported by
         `iseg export-onnx` (from `onnx_dir`) with ONNX Runtime instead of torch.
         compile_blocks torch.compiles the convolution/feed-forward blocks (static shapes;
         the first batch of each shape pays the compilation).
+        cuda_graphs (CUDA devices, torch backend) replays the VAE encode and the UNet forward
+        from graphs captured per batch size 1, 2, 4, … up to `max_batch`; smaller batches are
+        padded up to the next captured size.
         """
+        if cuda_graphs and backend != "torch":
+            raise SettingsError(f"cuda_graphs: only the torch backend replays CUDA graphs, not {backend!r} "
+                                "(ONNX Runtime's CUDA/TensorRT providers manage their own)")
         model = load_model(model_dir, device=device, dtype=dtype)
         if backend == "torch":
-            return cls(model, settings, cache_dir, compile_blocks=compile_blocks)
+            return cls(model, settings, cache_dir, compile_blocks=compile_blocks, cuda_graphs=cuda_graphs,
+                       max_batch=max_batch)
         if backend == "onnx":
             from engine.onnx_backend import onnx_backend_factory
             return cls(model, settings, cache_dir, backend=onnx_backend_factory(onnx_dir))

@@ -8,18 +8,25 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 from engine.attention_capture import (AttentionRecorder, StopUNet, install_fast, install_naive,
                                       naive_to_recorder, resolve_self_heads)
+from engine.cuda_graphs import CudaGraphCapture, GraphCapture, StaticGraphs
 from engine.layers import READ_LAYERS, resolve
 from engine.model_loader import LoadedModel
 from engine.settings import IsegSettings
 
 
 class TorchBackend:
-    """Runs the diffusers modules with capture processors on the read layers only."""
+    """Runs the diffusers modules with capture processors on the read layers only.
+
+    With `cuda_graphs` the VAE encode and the truncated UNet forward are replayed from CUDA
+    graphs captured per batch bucket up to `max_batch` (engine/cuda_graphs.py); `capture`
+    replaces the CUDA capture (tests emulate it on CPU).
+    """
 
     name = "torch"
 
     def __init__(self, model: LoadedModel, settings: IsegSettings, latent_hw: tuple[int, int],
-                 compile_blocks: bool = False) -> None:
+                 compile_blocks: bool = False, cuda_graphs: bool = False, max_batch: int = 16,
+                 capture: GraphCapture | None = None) -> None:
         self.model = model
         self.latent_hw = latent_hw
         self._latent_ref = [latent_hw]
@@ -28,12 +35,31 @@ class TorchBackend:
         install_fast(model.unet, self.recorder, self.self_heads, self._latent_ref)
         if compile_blocks:
             compile_static_blocks(model)
+        self._encode_graphs: StaticGraphs | None = None
+        self._attention_graphs: StaticGraphs | None = None
+        self._graph_layout: tuple[dict, dict] | None = None
+        if cuda_graphs:
+            capture = capture or CudaGraphCapture(model.device)
+            self._encode_graphs = StaticGraphs(self.encode_eager, capture, max_batch)
+            self._attention_graphs = StaticGraphs(self.attention_sums, capture, max_batch)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether encode and attention replay captured graphs."""
+        return self._attention_graphs is not None
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """z0 = VAE posterior mean × scaling factor, for pixels [B, 3, H, W] in [-1, 1]."""
-        pixels = pixels.to(self.model.device, self.model.dtype)
-        return self.model.vae.encode(pixels).latent_dist.mean * self.model.vae.config.scaling_factor
+        pixels = pixels.to(self.model.device)
+        if self._encode_graphs is not None:
+            return self._encode_graphs(pixels)[0]
+        return self.encode_eager(pixels)[0]
+
+    def encode_eager(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        """The VAE encode itself, eager (what a graph replays; FLOP counting runs it directly)."""
+        pixels = pixels.to(self.model.dtype)
+        return (self.model.vae.encode(pixels).latent_dist.mean * self.model.vae.config.scaling_factor,)
 
     def _ensure_installed(self) -> None:
         """Put this backend's processors back if another Segmenter on the same model replaced them."""
@@ -43,16 +69,33 @@ class TorchBackend:
     @torch.no_grad()
     def attention(self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> AttentionRecorder:
         """One UNet forward that stops after the last read layer; the recorder holds the head means."""
+        if self._attention_graphs is None:
+            self.attention_sums(latents, timestep.reshape(-1).expand(latents.shape[0]), embeddings)
+            return self.recorder
+        sums = self._attention_graphs(latents, timestep.reshape(-1).expand(latents.shape[0]).contiguous(), embeddings)
+        assert self._graph_layout is not None  # set by the capture run of attention_sums
+        heads, hw = self._graph_layout
+        recorder = AttentionRecorder()
+        for group, total in zip(GROUPS, sums):
+            recorder.add(group, total, heads[group], hw[group])
+        return recorder
+
+    @torch.no_grad()
+    def attention_sums(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                       embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The recorder's head sums per group after the truncated forward, timesteps [B] (what a
+        graph replays; FLOP counting runs it directly)."""
         self._ensure_installed()
         self.recorder.reset()
         try:
-            self.model.unet(latents, timestep, encoder_hidden_states=embeddings)
+            self.model.unet(latents, timesteps, encoder_hidden_states=embeddings)
         except StopUNet:
             pass
-        missing = {"coarse", "mid", "self"} - set(self.recorder.sums)
+        missing = set(GROUPS) - set(self.recorder.sums)
         if missing:
             raise RuntimeError(f"the UNet forward did not reach the read layers {sorted(missing)}")
-        return self.recorder
+        self._graph_layout = (dict(self.recorder.heads), dict(self.recorder.hw))
+        return tuple(self.recorder.sums[group] for group in GROUPS)
 
     @torch.no_grad()
     def naive_attention(self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> AttentionRecorder:
@@ -65,6 +108,9 @@ class TorchBackend:
             install_fast(self.model.unet, self.recorder, self.self_heads, self._latent_ref)
         return naive_to_recorder(store, self.self_heads, self.latent_hw)
 
+
+GROUPS = ("coarse", "mid", "self")
+"""The recorder groups, in the order a graph returns their sums."""
 
 COMPILED_BLOCKS = (ResnetBlock2D, Downsample2D, Upsample2D, FeedForward)
 """Convolution and feed-forward blocks: all the FLOPs outside attention, and no Python state."""
