@@ -71,7 +71,11 @@ class EngineConfig:
 
     model_dir: str
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    backend: Literal["torch", "onnx"] = "torch"
+    onnx_dir: str | None = None
+    compile: bool = False
+    cuda_graphs: bool = False
     build_tiny_if_missing: bool = False
     settings: IsegSettings = field(default_factory=IsegSettings)
 
@@ -199,6 +203,11 @@ class DaemonConfig:
         if runtime:
             return Path(runtime.split(":")[0])
         return self.state_path / "run"
+
+    @property
+    def onnx_path(self) -> Path | None:
+        """The exported ONNX folder for backend onnx, resolved like every config path."""
+        return self._resolve(self.engine.onnx_dir) if self.engine.onnx_dir else None
 
     @property
     def model_path(self) -> Path:
@@ -382,6 +391,15 @@ def _check(config: DaemonConfig) -> None:
             if cam.tcp_port in ports or not 0 < cam.tcp_port < 65536:
                 raise ConfigError(f"{where}.tcp_port: {cam.tcp_port} must be a free port number used by one camera only")
             ports.add(cam.tcp_port)
+    e = config.engine
+    if e.backend == "onnx" and not e.onnx_dir:
+        raise ConfigError("engine.onnx_dir: backend onnx needs the folder written by `iseg export-onnx`")
+    if e.onnx_dir and e.backend != "onnx":
+        raise ConfigError("engine.onnx_dir: only used with backend: onnx (set backend: onnx or drop onnx_dir)")
+    if (e.cuda_graphs or e.compile) and e.backend != "torch":
+        raise ConfigError("engine.cuda_graphs/compile: apply to backend torch only (ONNX Runtime optimises its own graph)")
+    if e.cuda_graphs and not e.device.startswith("cuda"):
+        raise ConfigError(f"engine.cuda_graphs: needs device cuda or cuda:N, not {e.device!r}")
     w = config.worker
     if w.count < 0 or w.batch_size < 1 or w.max_wait_ms < 0 or w.batch_timeout_s <= 0:
         raise ConfigError("worker: count >= 0, batch_size >= 1, max_wait_ms >= 0 and batch_timeout_s > 0 are required")

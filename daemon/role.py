@@ -23,6 +23,11 @@ from daemon.wire import send
 
 HEARTBEAT_INTERVAL_S = 1.0
 
+EX_CONFIG = 78
+"""Exit status (sysexits' EX_CONFIG) of a role that cannot start with this configuration,
+e.g. a model or ONNX export that does not match it: restarting it cannot help, so the
+supervisor stops instead of retrying and systemd units list it in RestartPreventExitStatus."""
+
 
 def setup_logging(level: str = "INFO") -> None:
     """stdlib logging to stdout (journald collects it); one line per record with the logger name."""

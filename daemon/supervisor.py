@@ -31,7 +31,7 @@ from daemon.config import DaemonConfig
 from daemon.health import HealthServer, json_body
 from daemon.metrics import Registry, merge, parse_labels, quantile_from_histogram, render_prometheus
 from daemon.model_setup import ensure_model
-from daemon.role import StopFlag
+from daemon.role import EX_CONFIG, StopFlag
 from daemon.sdnotify import Notifier
 from daemon.wire import WireError, recv
 
@@ -74,6 +74,7 @@ class Supervisor:
         self.ready = False
         self.ready_at: float | None = None
         self.failed = ""
+        self.exit_code = 1
         self.last_loop = time.time()
         self.last_watchdog = 0.0
         self.phase = "starting"
@@ -151,7 +152,13 @@ class Supervisor:
                 continue
             code = role.proc.poll()
             if code is not None:
-                if role.restart_due is None:
+                if code == EX_CONFIG and not self.stop.stopping:
+                    self.failed = (f"{role.name} cannot start with this configuration (exit {EX_CONFIG}, "
+                                   "its error is logged above); fix the config, then start again")
+                    self.exit_code = EX_CONFIG
+                    self.log.critical("%s", self.failed)
+                    self.stop.event.set()
+                elif role.restart_due is None:
                     how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
                     self._schedule_restart(role, how)
                 elif now >= role.restart_due and not self.stop.stopping:
@@ -312,7 +319,8 @@ class Supervisor:
                 role.heartbeat = message.header
 
     def run(self) -> int:
-        """Run until SIGTERM/SIGINT, `duration`, or too many restarts; exit code 0 or 1."""
+        """Run until SIGTERM/SIGINT, `duration`, too many restarts (exit 1) or a role that cannot
+        start with this configuration (exit EX_CONFIG); 0 after a clean stop."""
         config = self.config
         config.state_path.mkdir(parents=True, exist_ok=True)
         config.run_path.mkdir(parents=True, exist_ok=True)
@@ -354,4 +362,4 @@ class Supervisor:
             telemetry.close()
             ctx.term()
         self.log.info("stopped")
-        return 1 if self.failed else 0
+        return self.exit_code if self.failed else 0

@@ -22,9 +22,10 @@ from daemon.calibration import thresholds_for
 from daemon.config import DaemonConfig
 from daemon.metrics import Registry
 from daemon.model_setup import ensure_model
-from daemon.role import Heartbeat, StopFlag
+from daemon.role import EX_CONFIG, Heartbeat, StopFlag
 from daemon.security import connect_curve_client, stop_authenticators
 from daemon.wire import Message, WireError, array_header, frame_from, now, recv, send
+from engine.errors import ModelLoadError, SettingsError
 
 IDLE_DRAIN_S = 0.3
 DRAIN_MAX_S = 5.0
@@ -49,14 +50,18 @@ def load_segmenter(config: DaemonConfig, log: logging.Logger) -> tuple[Any, dict
         torch.set_num_threads(config.worker.torch_threads)
     model_dir = ensure_model(config)
     started = time.monotonic()
-    segmenter = Segmenter.load(model_dir, device=config.engine.device, dtype=config.engine.dtype,
-                               settings=config.engine.settings, cache_dir=config.state_path / "embeddings")
+    engine = config.engine
+    segmenter = Segmenter.load(model_dir, device=engine.device, dtype=engine.dtype, settings=engine.settings,
+                               cache_dir=config.state_path / "embeddings", backend=engine.backend,
+                               onnx_dir=config.onnx_path, compile_blocks=engine.compile,
+                               cuda_graphs=engine.cuda_graphs, max_batch=config.worker.batch_size)
     class_sets = {}
     for camera in config.cameras:
         class_sets[camera.id] = ClassSet(camera.classes, camera.bg_context)
         segmenter.prepare(class_sets[camera.id])
-    log.info("model %s loaded on %s/%s, %d class set(s) cached in %.1fs", model_dir, config.engine.device,
-             config.engine.dtype, len(class_sets), time.monotonic() - started)
+    log.info("model %s loaded on %s/%s (backend %s%s%s), %d class set(s) cached in %.1fs", model_dir, engine.device,
+             engine.dtype, engine.backend, ", compiled" if engine.compile else "",
+             ", CUDA graphs" if engine.cuda_graphs else "", len(class_sets), time.monotonic() - started)
     return segmenter, class_sets
 
 
@@ -224,13 +229,17 @@ def run_worker(config: DaemonConfig, stop: StopFlag, name: str = "worker.0", rem
     heartbeat.update(ready=False)
     pull = push = None
     try:
-        segmenter, class_sets = load_segmenter(config, log)
+        try:
+            segmenter, class_sets = load_segmenter(config, log)
+        except (ModelLoadError, SettingsError) as err:
+            log.critical("worker %s cannot start with this configuration: %s", name, err)
+            return EX_CONFIG
         worker = Worker(config, name, segmenter, class_sets, metrics, heartbeat, log)
         pull, push, endpoints = connect_sockets(ctx, config, remote)
         log.info("worker %s (pid %d) ready: batch %d, max wait %.0f ms, on %s", name, os.getpid(),
                  config.worker.batch_size, config.worker.max_wait_ms, ", ".join(endpoints))
         metrics.set("iseg_worker_ready", 1, worker=name)
-        heartbeat.update(ready=True)
+        heartbeat.update(ready=True, backend=segmenter.backend.name, cuda_graphs=segmenter.torch_backend.cuda_graphs)
         worker.loop(pull, push, stop)
         log.info("worker %s stopped (%s)", name, stop.signal_name or "done")
     finally:

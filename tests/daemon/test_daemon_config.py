@@ -86,3 +86,27 @@ def test_example_configs_validate_with_secrets(monkeypatch):
     assert [c.id for c in line.cameras] == ["press1", "weld2"] and line.sockets.remote is not None
     demo = load_config(REPO / "configs" / "demo.yaml")
     assert demo.cameras[0].source_kind == "synthetic" and demo.engine.build_tiny_if_missing
+
+
+@pytest.mark.parametrize("engine, message", [
+    ({"backend": "tensorrt"}, "engine.backend: 'tensorrt' must be one of torch, onnx"),
+    ({"backend": "onnx"}, "engine.onnx_dir: backend onnx needs the folder written by `iseg export-onnx`"),
+    ({"onnx_dir": "exported"}, "engine.onnx_dir: only used with backend: onnx"),
+    ({"backend": "onnx", "onnx_dir": "x", "cuda_graphs": True}, "engine.cuda_graphs/compile: apply to backend torch only"),
+    ({"cuda_graphs": True}, "engine.cuda_graphs: needs device cuda or cuda:N, not 'cpu'"),
+    ({"dtype": "fp16"}, "engine.dtype: 'fp16' must be one of float32, float16, bfloat16"),
+])
+def test_engine_backend_options_are_checked(engine, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(minimal(engine={"model_dir": "m", **engine}))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_engine_backend_options_resolve(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal(engine={"model_dir": "m", "device": "cuda:1", "dtype": "float16",
+                                                   "cuda_graphs": True, "compile": True})))
+    config = load_config(path)
+    assert config.engine.cuda_graphs and config.engine.compile and config.onnx_path is None
+    path.write_text(yaml.safe_dump(minimal(engine={"model_dir": "m", "backend": "onnx", "onnx_dir": "exported"})))
+    assert load_config(path).onnx_path == tmp_path / "exported"

@@ -32,6 +32,13 @@ def test_service_is_notify_with_watchdog_state_and_hardening():
     assert "Environment=CUDA_VISIBLE_DEVICES=%i" in (UNITS / "iseg-worker@.service").read_text()
 
 
+def test_config_errors_are_not_restarted_by_systemd():
+    from daemon.role import EX_CONFIG
+
+    for name in ("iseg.service", "iseg-worker@.service"):
+        assert unit_settings(name)["RestartPreventExitStatus"] == str(EX_CONFIG), name
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze: apt-get install -y systemd")
 def test_units_verify_cleanly(tmp_path):
     # verify checks that ExecStart binaries exist: point them at this interpreter.
