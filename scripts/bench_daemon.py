@@ -58,7 +58,7 @@ def demo_config(workdir: Path, fps: float | None) -> Path:
         doc["cameras"][0]["fps"] = fps
     if LINE:
         doc["engine"].update(model_dir=LINE["model"], device=LINE["device"], dtype=LINE["dtype"],
-                             build_tiny_if_missing=False)
+                             cuda_graphs=LINE["cuda_graphs"], build_tiny_if_missing=False)
         doc["engine"]["settings"]["size"] = 512
         doc["worker"].update(batch_size=LINE["batch"], max_wait_ms=20)
         template = doc["cameras"][0]
@@ -189,10 +189,11 @@ def main() -> int:
     parser.add_argument("--cameras", type=int, default=4)
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--batch", type=int, default=8, help="worker batch size in a line setup (8)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="line setup: engine.cuda_graphs on")
     args = parser.parse_args()
     if args.model:
         LINE.update(model=args.model, device=args.device, dtype=args.dtype, cameras=args.cameras,
-                    fps=args.fps, batch=args.batch)
+                    fps=args.fps, batch=args.batch, cuda_graphs=args.cuda_graphs)
     config = load_config(demo_config(Path(tempfile.mkdtemp(prefix="iseg-bench-")), None))
     ensure_model(config)
     with tempfile.TemporaryDirectory(prefix="iseg-ipc-") as tmp:

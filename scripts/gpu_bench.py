@@ -5,9 +5,12 @@ reports what it measured:
   1. build the random full-width model (no download);
   2. torch fast path at batch 1/4/8/16: frames/s, per-stage ms, p50/p99, peak host and
      device memory, GFLOP/frame, achieved TFLOP/s and MFU; the naive path at batch 1;
-     then the same with the convolution/feed-forward blocks torch.compiled (batch 1 and 16);
-  3. ONNX Runtime on the same frames when its CUDA/TensorRT provider is present;
-  4. the daemon end to end with 4 synthetic cameras at 30 fps (scripts/bench_daemon.py).
+  3. the same replayed from CUDA graphs (parity with eager first, then batch 1/4/8/16);
+  4. ONNX Runtime on the same frames when its CUDA/TensorRT provider is present;
+  5. the daemon end to end with 4 synthetic 720p cameras at 30 fps, CUDA graphs on
+     (scripts/bench_daemon.py);
+  6. last, because compiling takes longest: the convolution/feed-forward blocks
+     torch.compiled, without and with CUDA graphs (batch 1 and 16).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from engine.bench import bench_frames, flops_per_frame, measure, peak_tflops
+from engine.bench import BENCH_CLASSES, bench_frames, flops_per_frame, measure, peak_tflops
 from engine.full_size import build_full_size_model
 from engine.segmenter import Segmenter
 from engine.settings import IsegSettings
@@ -92,16 +96,32 @@ def main() -> int:
 
     section("torch_fp16", torch_bench)
 
-    def compiled_bench() -> dict:
-        segmenter = state["torch"]
-        blocks = compile_static_blocks(segmenter.model)
-        result = {"compiled_blocks": blocks, "batches": {}}
-        for batch in (1, 16):
-            result["batches"][str(batch)] = measure(segmenter, frames, batch)
+    def graphs_bench(name: str, batches: tuple[int, ...]) -> dict:
+        eager = state["torch"]
+        graphed = Segmenter(eager.model, settings, cache, cuda_graphs=True, max_batch=max(BATCHES))
+        result: dict = {"batches": {}, "parity_vs_eager": {}}
+        for batch in (1, 3):
+            want = eager.segment(frames[:batch], BENCH_CLASSES)
+            started = time.perf_counter()
+            got = graphed.segment(frames[:batch], BENCH_CLASSES)
+            result["parity_vs_eager"][str(batch)] = {
+                "first_call_s_incl_capture": time.perf_counter() - started,
+                "max_map_diff": max(float(np.abs(a.maps - b.maps).max()) for a, b in zip(want, got)),
+                "label_agreement": min(float((a.labels == b.labels).mean()) for a, b in zip(want, got)),
+                "max_presence_diff": max(float(np.abs(a.presence - b.presence).max()) for a, b in zip(want, got))}
+        save()
+        for batch in batches:
+            entry = measure(graphed, frames, batch)
+            eager_entry = report["sections"]["torch_fp16"].get("batches", {}).get(str(batch))
+            if eager_entry:
+                entry["speedup_vs_eager"] = entry["fps"] / eager_entry["fps"]
+            result["batches"][str(batch)] = entry
+            print(f"[gpu_bench] {name} batch {batch}: {entry['fps']:.1f} frames/s", flush=True)
             save()
+        result["captured_buckets"] = sorted({key[0] for key in graphed.torch_backend._attention_graphs.graphs})
         return result
 
-    section("torch_fp16_compiled", compiled_bench)
+    section("torch_fp16_cuda_graphs", lambda: graphs_bench("cuda graphs", BATCHES))
 
     def onnx_bench() -> dict:
         import onnxruntime
@@ -125,14 +145,13 @@ def main() -> int:
         return result
 
     section("onnx", onnx_bench)
-    state.clear()
     torch.cuda.empty_cache()
 
     def daemon_bench() -> dict:
         script = Path(__file__).with_name("bench_daemon.py")
         json_path = out.with_name("daemon_bench.json")
         command = [sys.executable, str(script), "--model", str(model_dir), "--device", "cuda", "--dtype", "float16",
-                   "--cameras", "4", "--fps", "30", "--batch", "8", "--seconds", str(args.daemon_seconds),
+                   "--cameras", "4", "--fps", "30", "--batch", "8", "--cuda-graphs", "--seconds", str(args.daemon_seconds),
                    "--engine-frames", "32", "--json", str(json_path)]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=args.daemon_seconds + 240)
         if completed.returncode != 0:
@@ -140,6 +159,19 @@ def main() -> int:
         return json.loads(json_path.read_text())
 
     section("daemon_4_cameras_30fps", daemon_bench)
+
+    def compiled_bench() -> dict:
+        segmenter = state["torch"]
+        blocks = compile_static_blocks(segmenter.model)
+        result = {"compiled_blocks": blocks, "batches": {}}
+        for batch in (1, 16):
+            result["batches"][str(batch)] = measure(segmenter, frames, batch)
+            save()
+        return result
+
+    section("torch_fp16_compiled", compiled_bench)
+    torch.cuda.empty_cache()
+    section("torch_fp16_compiled_cuda_graphs", lambda: graphs_bench("compiled + cuda graphs", (1, 16)))
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     save()
     return 0

@@ -15,4 +15,7 @@ fi
 [ -f .whl/bpe_simple_vocab_16e6.txt.gz ] && export ISEG_CLIP_VOCAB=$PWD/.whl/bpe_simple_vocab_16e6.txt.gz
 export ISEG_CACHE_DIR=/tmp/iseg-cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
-timeout 560 python3 scripts/gpu_bench.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log"
+# Correctness on the GPU first (real CUDA-graph capture vs eager, tiny model): ~1 min.
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m "gpu or not slow" tests/test_gpu.py tests/test_cuda_graphs.py \
+  2>&1 | tee "$OUT/gpu_tests.log"
+timeout 420 python3 scripts/gpu_bench.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log"
