@@ -62,6 +62,10 @@ def load_segmenter(config: DaemonConfig, log: logging.Logger) -> tuple[Any, dict
     log.info("model %s loaded on %s/%s (backend %s%s%s), %d class set(s) cached in %.1fs", model_dir, engine.device,
              engine.dtype, engine.backend, ", compiled" if engine.compile else "",
              ", CUDA graphs" if engine.cuda_graphs else "", len(class_sets), time.monotonic() - started)
+    if engine.cuda_graphs or engine.compile:
+        seconds = segmenter.warm_up(next(iter(class_sets.values())))
+        log.info("warmed up batch sizes %s in %.1fs (graph capture / compilation done before the first frame)",
+                 ",".join(map(str, seconds)), sum(seconds.values()))
     return segmenter, class_sets
 
 

@@ -13,6 +13,7 @@ import torch
 from engine.attention_capture import AttentionRecorder
 from engine.clustering import cluster_means, kl_kmeans
 from engine.cross_maps import CrossLevel, class_columns, token_maps
+from engine.cuda_graphs import batch_buckets
 from engine.ent_self import entropy_reduced_transition
 from engine.errors import InputError, SettingsError
 from engine.interactive import box_column, point_columns, prompt_mask
@@ -46,6 +47,7 @@ class Segmenter:
         side = self.settings.size // model.vae_scale
         self.latent_hw = (side, side)
         self.text_cache_dir = cache_dir
+        self.max_batch = max_batch
         self.torch_backend = TorchBackend(model, self.settings, self.latent_hw, compile_blocks, cuda_graphs, max_batch)
         self.backend = backend(model, self.settings, self.latent_hw) if backend is not None else self.torch_backend
         self.text_cache = TextEmbeddingCache(self._encode_text, model.tokenizer, model.fingerprint,
@@ -92,6 +94,20 @@ class Segmenter:
     def prepare(self, class_set: ClassSet) -> TextEntry:
         """Compute (or fetch) the Cat-Cross embedding of a class set ahead of the first frame."""
         return self.text_cache.get(class_set)
+
+    def warm_up(self, class_set: ClassSet) -> dict[int, float]:
+        """Run each batch size the engine captures graphs for (1, 2, 4, … up to max_batch) once,
+        so graph capture, compilation and kernel autotuning happen before the first real frame
+        rather than as a latency spike the first time a partial batch of that size comes in.
+        Returns seconds per batch size."""
+        rng = np.random.default_rng(0)
+        frame = rng.integers(96, 160, (self.settings.size, self.settings.size, 3), dtype=np.uint8)
+        seconds = {}
+        for size in batch_buckets(self.max_batch):
+            started = time.perf_counter()
+            self.segment([frame] * size, class_set)
+            seconds[size] = time.perf_counter() - started
+        return seconds
 
     @torch.no_grad()
     def _encode_text(self, input_ids: list[int]) -> torch.Tensor:

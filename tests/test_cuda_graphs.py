@@ -134,3 +134,20 @@ def test_cli_cuda_graphs_on_cpu_is_a_one_line_error(tiny_sd21, tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: cuda_graphs: needs a CUDA device, the model is on cpu")
+
+
+@pytest.mark.slow
+def test_warm_up_captures_every_bucket_before_the_first_frame(tiny_sd21, tmp_path):
+    settings = IsegSettings(size=128)
+    segmenter = Segmenter.load(tiny_sd21, settings=settings, cache_dir=tmp_path, max_batch=4)
+    capture = InPlaceReplay()
+    segmenter.torch_backend = segmenter.backend = TorchBackend(segmenter.model, settings, segmenter.latent_hw,
+                                                               cuda_graphs=True, max_batch=4, capture=capture)
+    classes = ClassSet(("scratch",))
+    seconds = segmenter.warm_up(classes)
+    assert list(seconds) == [1, 2, 4] and all(s > 0 for s in seconds.values())
+    assert capture.captured == [1, 1, 2, 2, 4, 4]
+    frames = [read_image(p) for p in sample_paths()[:3]]
+    segmenter.segment(frames, classes)
+    segmenter.segment(frames[:1], classes)
+    assert capture.captured == [1, 1, 2, 2, 4, 4]

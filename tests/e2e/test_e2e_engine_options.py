@@ -1,7 +1,10 @@
-"""The daemon on the ONNX backend: `iseg export-onnx` (a real process) writes the graphs,
-`engine.backend: onnx` in the config makes the worker run them, frames flow and alert.
-An export that does not match the config stops the daemon at once with EX_CONFIG (78)
-and the fix in the log, instead of restarting a worker that can never start."""
+"""The daemon's engine options as real processes.
+
+ONNX backend: `iseg export-onnx` writes the graphs, `engine.backend: onnx` makes the
+worker run them, frames flow and alert; an export that does not match the config stops
+the daemon at once with EX_CONFIG (78) and the fix in the log, instead of restarting a
+worker that can never start. `engine.compile`: the worker compiles and warms every batch
+size before it reports ready, then serves frames."""
 
 from __future__ import annotations
 
@@ -44,3 +47,14 @@ def test_mismatched_export_stops_the_daemon_without_restart_loops(make_config, s
     assert "was exported for size 256 but this run has 128" in log and "--size 128" in log, log
     assert "worker.0 cannot start with this configuration" in log
     assert "restarting in" not in log, log
+
+
+def test_compiled_worker_warms_up_before_ready(make_config, start_daemon):
+    config = make_config({"engine": {"compile": True}})
+    daemon = start_daemon(config)
+    daemon.wait_ready(240)
+    log = daemon.tail(200)
+    assert "(backend torch, compiled)" in log and "warmed up batch sizes 1,2 in" in log, log
+    assert log.index("warmed up batch sizes") < log.index("ready: batch")
+    daemon.wait_for(lambda s: s["cameras"]["belt1"].get("published", 0) >= 4, 90, "frames through the compiled worker")
+    assert daemon.terminate() == 0
