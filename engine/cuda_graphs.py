@@ -82,6 +82,35 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
     return tuple(sizes) + (max_batch,)
 
 
+def bucket_for(batch: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds `batch`; the batch itself when it is larger than all."""
+    return next((size for size in buckets if size >= batch), batch)
+
+
+def _batch_of(tensors: tuple[torch.Tensor, ...]) -> int:
+    batch = tensors[0].shape[0]
+    if any(t.shape[0] != batch for t in tensors):
+        raise ValueError(f"inputs disagree on the batch size: {[t.shape[0] for t in tensors]}")
+    return batch
+
+
+class PaddedBatches:
+    """`fn` run eagerly on batches padded up to their bucket (last row repeated), outputs
+    sliced back: torch.compile'd blocks (static shapes) then meet a handful of batch sizes
+    instead of recompiling for every partial batch a worker forms."""
+
+    def __init__(self, fn: GraphFn, max_batch: int) -> None:
+        self.fn = fn
+        self.buckets = batch_buckets(max_batch)
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch = _batch_of(tensors)
+        size = bucket_for(batch, self.buckets)
+        if size > batch:
+            tensors = tuple(torch.cat([t, t[-1:].expand(size - batch, *t.shape[1:])]) for t in tensors)
+        return tuple(output[:batch] for output in self.fn(*tensors))
+
+
 @dataclass
 class _Captured:
     graph: Replayable
@@ -103,15 +132,14 @@ class StaticGraphs:
         self.buckets = batch_buckets(max_batch)
         self.graphs: dict[tuple, _Captured] = {}
 
-    def bucket(self, batch: int) -> int:
-        """The captured batch size a batch of `batch` runs at."""
-        return next((size for size in self.buckets if size >= batch), batch)
+    @property
+    def captured_sizes(self) -> list[int]:
+        """Batch sizes a graph has been captured for so far."""
+        return sorted({key[0] for key in self.graphs})
 
     def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        batch = tensors[0].shape[0]
-        if any(t.shape[0] != batch for t in tensors):
-            raise ValueError(f"StaticGraphs: inputs disagree on the batch size: {[t.shape[0] for t in tensors]}")
-        size = self.bucket(batch)
+        batch = _batch_of(tensors)
+        size = bucket_for(batch, self.buckets)
         key = (size,) + tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in tensors)
         captured = self.graphs.get(key)
         if captured is None:

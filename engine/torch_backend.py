@@ -8,7 +8,7 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 from engine.attention_capture import (AttentionRecorder, StopUNet, install_fast, install_naive,
                                       naive_to_recorder, resolve_self_heads)
-from engine.cuda_graphs import CudaGraphCapture, GraphCapture, StaticGraphs
+from engine.cuda_graphs import CudaGraphCapture, GraphCapture, PaddedBatches, StaticGraphs
 from engine.layers import READ_LAYERS, resolve
 from engine.model_loader import LoadedModel
 from engine.settings import IsegSettings
@@ -19,7 +19,8 @@ class TorchBackend:
 
     With `cuda_graphs` the VAE encode and the truncated UNet forward are replayed from CUDA
     graphs captured per batch bucket up to `max_batch` (engine/cuda_graphs.py); `capture`
-    replaces the CUDA capture (tests emulate it on CPU).
+    replaces the CUDA capture (tests emulate it on CPU). With `compile_blocks` alone, batches
+    are padded to the same buckets so the compiled blocks see few shapes.
     """
 
     name = "torch"
@@ -35,26 +36,32 @@ class TorchBackend:
         install_fast(model.unet, self.recorder, self.self_heads, self._latent_ref)
         if compile_blocks:
             compile_static_blocks(model)
-        self._encode_graphs: StaticGraphs | None = None
-        self._attention_graphs: StaticGraphs | None = None
-        self._graph_layout: tuple[dict, dict] | None = None
+        self._layout: tuple[dict, dict] | None = None
+        self._encode_runner: StaticGraphs | PaddedBatches | None = None
+        self._attention_runner: StaticGraphs | PaddedBatches | None = None
         if cuda_graphs:
             capture = capture or CudaGraphCapture(model.device)
-            self._encode_graphs = StaticGraphs(self.encode_eager, capture, max_batch)
-            self._attention_graphs = StaticGraphs(self.attention_sums, capture, max_batch)
+            self._encode_runner = StaticGraphs(self.encode_eager, capture, max_batch)
+            self._attention_runner = StaticGraphs(self.attention_sums, capture, max_batch)
+        elif compile_blocks:
+            self._encode_runner = PaddedBatches(self.encode_eager, max_batch)
+            self._attention_runner = PaddedBatches(self.attention_sums, max_batch)
 
     @property
     def cuda_graphs(self) -> bool:
         """Whether encode and attention replay captured graphs."""
-        return self._attention_graphs is not None
+        return isinstance(self._attention_runner, StaticGraphs)
+
+    @property
+    def captured_sizes(self) -> list[int]:
+        """Batch sizes the attention graph has been captured for (empty without CUDA graphs)."""
+        return self._attention_runner.captured_sizes if isinstance(self._attention_runner, StaticGraphs) else []
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """z0 = VAE posterior mean × scaling factor, for pixels [B, 3, H, W] in [-1, 1]."""
-        pixels = pixels.to(self.model.device)
-        if self._encode_graphs is not None:
-            return self._encode_graphs(pixels)[0]
-        return self.encode_eager(pixels)[0]
+        runner = self._encode_runner or self.encode_eager
+        return runner(pixels.to(self.model.device))[0]
 
     def encode_eager(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
         """The VAE encode itself, eager (what a graph replays; FLOP counting runs it directly)."""
@@ -69,12 +76,10 @@ class TorchBackend:
     @torch.no_grad()
     def attention(self, latents: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> AttentionRecorder:
         """One UNet forward that stops after the last read layer; the recorder holds the head means."""
-        if self._attention_graphs is None:
-            self.attention_sums(latents, timestep.reshape(-1).expand(latents.shape[0]), embeddings)
-            return self.recorder
-        sums = self._attention_graphs(latents, timestep.reshape(-1).expand(latents.shape[0]).contiguous(), embeddings)
-        assert self._graph_layout is not None  # set by the capture run of attention_sums
-        heads, hw = self._graph_layout
+        runner = self._attention_runner or self.attention_sums
+        sums = runner(latents, timestep.reshape(-1).expand(latents.shape[0]).contiguous(), embeddings)
+        assert self._layout is not None  # set by attention_sums (for graphs: by its capture run)
+        heads, hw = self._layout
         recorder = AttentionRecorder()
         for group, total in zip(GROUPS, sums):
             recorder.add(group, total, heads[group], hw[group])
@@ -94,7 +99,7 @@ class TorchBackend:
         missing = set(GROUPS) - set(self.recorder.sums)
         if missing:
             raise RuntimeError(f"the UNet forward did not reach the read layers {sorted(missing)}")
-        self._graph_layout = (dict(self.recorder.heads), dict(self.recorder.hw))
+        self._layout = (dict(self.recorder.heads), dict(self.recorder.hw))
         return tuple(self.recorder.sums[group] for group in GROUPS)
 
     @torch.no_grad()

@@ -118,7 +118,7 @@ def main() -> int:
             result["batches"][str(batch)] = entry
             print(f"[gpu_bench] {name} batch {batch}: {entry['fps']:.1f} frames/s", flush=True)
             save()
-        result["captured_buckets"] = sorted({key[0] for key in graphed.torch_backend._attention_graphs.graphs})
+        result["captured_sizes"] = graphed.torch_backend.captured_sizes
         return result
 
     section("torch_fp16_cuda_graphs", lambda: graphs_bench("cuda graphs", BATCHES))

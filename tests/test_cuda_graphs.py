@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cuda_graphs import CudaGraphCapture, StaticGraphs, batch_buckets
+from engine.cuda_graphs import CudaGraphCapture, PaddedBatches, StaticGraphs, batch_buckets
 from engine.errors import SettingsError
 from engine.image_io import read_image
 from engine.results import ClassSet
@@ -91,6 +91,21 @@ def test_padding_repeats_the_last_row():
     assert torch.equal(captured.inputs[0][3], x[2])
 
 
+def test_padded_batches_run_bucket_sizes_only_and_slice_back():
+    seen = []
+
+    def spy(x, y):
+        seen.append(x.shape[0])
+        return affine(x, y)
+
+    padded = PaddedBatches(spy, max_batch=8)
+    for batch in (3, 1, 5, 8, 9):
+        x, y = torch.randn(batch, 3), torch.randn(batch, 4)
+        for a, b in zip(padded(x, y), affine(x, y)):
+            torch.testing.assert_close(a, b)
+    assert seen == [4, 1, 8, 8, 9]
+
+
 def test_inputs_must_agree_on_the_batch():
     graphs = StaticGraphs(affine, InPlaceReplay(), max_batch=4)
     with pytest.raises(ValueError, match="batch size"):
@@ -125,6 +140,7 @@ def test_graphed_segmenter_equals_eager_on_partial_batches(tiny_sd21, tmp_path):
             assert np.mean(a.labels == b.labels) >= 0.999
             np.testing.assert_allclose(a.presence, b.presence, atol=1e-5)
     assert capture.captured == [1, 1, 4, 4, 2, 2]
+    assert graphed.torch_backend.captured_sizes == [1, 2, 4]
 
 
 @pytest.mark.slow
