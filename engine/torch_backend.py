@@ -63,6 +63,7 @@ class TorchBackend:
         runner = self._encode_runner or self.encode_eager
         return runner(pixels.to(self.model.device))[0]
 
+    @torch.no_grad()
     def encode_eager(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
         """The VAE encode itself, eager (what a graph replays; FLOP counting runs it directly)."""
         pixels = pixels.to(self.model.dtype)
