@@ -125,7 +125,9 @@ class OpenCvSource(FrameSource):
             cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG)
         if not cap.isOpened():
             cap.release()
-            raise SourceError(f"cannot open {self._safe_source()} (unreachable, refused, or not a video)")
+            reasons = ("unreachable, refused, wrong user or password, or not a video" if self.kind in ("rtsp", "http")
+                       else "not a video OpenCV can decode" if self.kind == "file" else "busy or not a capture device")
+            raise SourceError(f"cannot open {self._safe_source()} ({reasons})")
         self.cap = cap
 
     def read(self) -> np.ndarray:
