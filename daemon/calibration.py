@@ -110,7 +110,7 @@ def run_calibration(config: DaemonConfig, camera_id: str, count: int, report: An
     step = config.worker.batch_size
     for start in range(0, len(frames), step):
         batch = frames[start:start + step]
-        results = segmenter.segment(batch, class_sets[camera.id])
+        results = segmenter.segment(batch, class_sets[camera.id], keep_maps=False)
         scores += [r.presence for r in results]
         report(f"  {start + len(batch)}/{count} frames")
     path = save_calibration(config, camera, np.stack(scores), segmenter.fingerprint)

@@ -156,7 +156,7 @@ class Worker:
             self.heartbeat.busy(True)
         try:
             try:
-                results = self.segmenter.segment([p.frame for p in batch], sets)
+                results = self.segmenter.segment([p.frame for p in batch], sets, keep_maps=False)
                 self.metrics.inc("iseg_worker_batches_total", worker=self.name)
                 return [(p, r, "") for p, r in zip(batch, results)]
             except (EngineError, RuntimeError, ValueError) as err:
@@ -165,7 +165,7 @@ class Worker:
             outcomes = []
             for pending, class_set in zip(batch, sets):
                 try:
-                    outcomes.append((pending, self.segmenter.segment([pending.frame], class_set)[0], ""))
+                    outcomes.append((pending, self.segmenter.segment([pending.frame], class_set, keep_maps=False)[0], ""))
                     self.metrics.inc("iseg_worker_batches_total", worker=self.name)
                 except (EngineError, RuntimeError, ValueError) as err:
                     outcomes.append((pending, None, f"{type(err).__name__}: {err}"))

@@ -56,9 +56,10 @@ def _host_peak_mb() -> float | None:
 
 
 def measure(segmenter: Any, frames: list[np.ndarray], batch: int, naive: bool = False) -> dict[str, Any]:
-    """Run `frames` through the segmenter in batches (after one warm-up batch) and time it."""
+    """Run `frames` through the segmenter in batches (after one warm-up batch) and time it,
+    as the daemon's worker runs it: labels and presence come back, the float maps do not."""
     device = segmenter.model.device
-    segmenter.segment(frames[:batch], BENCH_CLASSES, naive=naive)
+    segmenter.segment(frames[:batch], BENCH_CLASSES, naive=naive, keep_maps=False)
     _reset_host_peak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -68,7 +69,7 @@ def measure(segmenter: Any, frames: list[np.ndarray], batch: int, naive: bool = 
     for first in range(0, len(frames), batch):
         chunk = frames[first:first + batch]
         batch_started = time.perf_counter()
-        results = segmenter.segment(chunk, BENCH_CLASSES, naive=naive)
+        results = segmenter.segment(chunk, BENCH_CLASSES, naive=naive, keep_maps=False)
         latencies.append((time.perf_counter() - batch_started) * 1000.0)
         for key, value in results[0].timings_ms.items():
             stages.setdefault(key, []).append(value)

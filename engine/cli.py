@@ -141,7 +141,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     def flush() -> None:
         if not pending:
             return
-        results = segmenter.segment([image for _, image in pending], class_set)
+        results = segmenter.segment([image for _, image in pending], class_set, keep_maps=bool(run["save_maps"]))
         for (path, image), result in zip(pending, results):
             stem = out_dir / path.stem
             write_png(stem.with_name(path.stem + ".mask.png"), result.labels)

@@ -91,7 +91,7 @@ def evaluate(segmenter: Any, folder: Path, batch_size: int = 4, progress: bool =
             return
         frames = [image for image, _, _ in batch]
         sets = [ClassSet(tuple(classes[i - 1] for i in present), segmenter.settings.bg_context) for _, _, present in batch]
-        for (image, truth, present), result in zip(batch, segmenter.segment(frames, sets)):
+        for (image, truth, present), result in zip(batch, segmenter.segment(frames, sets, keep_maps=False)):
             lookup = np.array([0] + present, dtype=np.int64)
             matrix[...] += confusion(truth, lookup[result.labels.astype(np.int64)], n)
         batch.clear()

@@ -150,8 +150,13 @@ class Segmenter:
 
     @torch.no_grad()
     def segment(self, frames: Sequence[np.ndarray], class_sets: ClassSet | Sequence[ClassSet],
-                naive: bool = False) -> list[SegmentResult]:
-        """Segment a batch; `naive=True` takes the reference capture path (for benchmarks and tests)."""
+                naive: bool = False, keep_maps: bool = True) -> list[SegmentResult]:
+        """Segment a batch; `naive=True` takes the reference capture path (for benchmarks and tests).
+
+        keep_maps=False leaves `maps` None: the per-class float maps at frame size are the
+        largest output (25 MB for three classes at 1080p) and a service that only needs
+        labels and presence should not copy them off the GPU.
+        """
         sets = self._check(frames, class_sets)
         entries = [self.text_cache.get(class_set) for class_set in sets]
         start = time.perf_counter()
@@ -187,7 +192,7 @@ class Segmenter:
             labels = label_mask(maps, self.settings.background_mode, self.settings.bg_threshold)
             presence = presence_scores(raw_all[index], entry.spans)
             results.append(SegmentResult(classes=class_set.classes, labels=labels.cpu().numpy(),
-                                         maps=maps.cpu().numpy().astype(np.float32),
+                                         maps=maps.cpu().numpy().astype(np.float32) if keep_maps else None,
                                          presence=presence.cpu().numpy().astype(np.float32)))
         end = time.perf_counter()
         per_frame = 1000.0 / len(frames)

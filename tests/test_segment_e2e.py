@@ -68,6 +68,10 @@ def test_batch_of_four_equals_four_single_runs(family, tiny_sd21, tiny_sd15, tmp
         assert np.mean(alone.labels == together.labels) >= 0.999
         assert np.abs(alone.maps - together.maps).max() < 1e-3
         assert np.allclose(alone.presence, together.presence, atol=1e-6)
+    lean = segmenter.segment(frames, classes, keep_maps=False)
+    for full, without in zip(batched, lean):
+        assert without.maps is None
+        assert np.array_equal(full.labels, without.labels) and np.array_equal(full.presence, without.presence)
 
 
 def test_sd15_and_sd21_families_are_recognised(tiny_sd21, tiny_sd15, tmp_path):
