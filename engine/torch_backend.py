@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from diffusers.models.attention import FeedForward
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 from engine.attention_capture import (AttentionRecorder, StopUNet, install_fast, install_naive,
                                       naive_to_recorder, resolve_self_heads)
-from engine.cuda_graphs import CudaGraphCapture, GraphCapture, PaddedBatches, StaticGraphs
+from engine.cuda_graphs import CudaGraphCapture, GraphCapture, PaddedBatches, StaticGraphs, batch_buckets
 from engine.layers import READ_LAYERS, resolve
 from engine.model_loader import LoadedModel
 from engine.settings import IsegSettings
@@ -35,7 +37,7 @@ class TorchBackend:
         self.recorder = AttentionRecorder()
         install_fast(model.unet, self.recorder, self.self_heads, self._latent_ref)
         if compile_blocks:
-            compile_static_blocks(model)
+            compile_static_blocks(model, max_batch)
         self._layout: tuple[dict, dict] | None = None
         self._encode_runner: StaticGraphs | PaddedBatches | None = None
         self._attention_runner: StaticGraphs | PaddedBatches | None = None
@@ -122,14 +124,25 @@ COMPILED_BLOCKS = (ResnetBlock2D, Downsample2D, Upsample2D, FeedForward)
 """Convolution and feed-forward blocks: all the FLOPs outside attention, and no Python state."""
 
 
-def compile_static_blocks(model: LoadedModel) -> int:
+def compile_static_blocks(model: LoadedModel, max_batch: int = 16) -> int:
     """torch.compile (static shapes) every ResNet, resampling and feed-forward block of the UNet
     and the VAE encoder; the attention processors stay eager because they record into Python
-    objects and stop the forward. Returns how many blocks were wrapped."""
-    count = 0
+    objects and stop the forward. Returns how many blocks were wrapped.
+
+    All instances of a block class share one code object, and dynamo keeps one cache entry
+    per (channel/size configuration, batch size) under it; its default limit of 8 entries
+    would leave most blocks of an SD UNet silently eager, so the limit is raised to what
+    these blocks need for the batch sizes 1, 2, 4, … up to `max_batch`.
+    """
+    wrapped: Counter = Counter()
     for root in (model.unet, model.vae.encoder):
         for module in root.modules():
             if isinstance(module, COMPILED_BLOCKS):
                 module.forward = torch.compile(module.forward, dynamic=False)
-                count += 1
-    return count
+                wrapped[type(module)] += 1
+    if wrapped:
+        needed = max(wrapped.values()) * (len(batch_buckets(max_batch)) + 1)
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, needed)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, needed)
+    return sum(wrapped.values())

@@ -162,7 +162,7 @@ def main() -> int:
 
     def compiled_bench() -> dict:
         segmenter = state["torch"]
-        blocks = compile_static_blocks(segmenter.model)
+        blocks = compile_static_blocks(segmenter.model, max(BATCHES))
         result = {"compiled_blocks": blocks, "batches": {}}
         for batch in (1, 16):
             result["batches"][str(batch)] = measure(segmenter, frames, batch)

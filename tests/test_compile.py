@@ -3,6 +3,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from engine.image_io import read_image
 from engine.results import ClassSet
@@ -14,7 +15,12 @@ from engine.torch_backend import COMPILED_BLOCKS
 pytestmark = pytest.mark.slow
 
 
-def test_compiled_blocks_match_eager(tiny_sd21, tmp_path):
+def test_compiled_blocks_match_eager(tiny_sd21, tmp_path, monkeypatch):
+    # Every block must really be compiled: hitting dynamo's recompile limit would make
+    # the rest run eager silently (and still give the eager results).
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 256)
     settings = IsegSettings(size=128)
     frames = [read_image(p) for p in sample_paths()[:3]]
     classes = ClassSet(("scratch", "dent"))
@@ -24,6 +30,7 @@ def test_compiled_blocks_match_eager(tiny_sd21, tmp_path):
     wrapped = [m for m in compiled_segmenter.model.unet.modules() if isinstance(m, COMPILED_BLOCKS)]
     assert wrapped and all(hasattr(m.forward, "_torchdynamo_orig_callable") for m in wrapped)
     compiled = compiled_segmenter.segment(frames, classes)
+    compiled_segmenter.segment(frames[:1], classes)
     for a, b in zip(eager, compiled):
         assert np.abs(a.maps - b.maps).max() < 1e-4
         assert np.mean(a.labels == b.labels) >= 0.999
