@@ -160,3 +160,63 @@ def start_daemon() -> Callable[..., Daemon]:
     yield start
     for daemon in started:
         daemon.close()
+
+
+class CaptureRun:
+    """A running `iseg capture --camera belt1` and a PULL socket on its frame queue."""
+
+    def __init__(self, config: Path, name: str) -> None:
+        import zmq
+
+        state = Path(yaml.safe_load(config.read_text())["state_dir"])
+        (state / "run").mkdir(parents=True, exist_ok=True)
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.connect(f"ipc://{state}/run/frames-belt1.sock")
+        self.log_path = config.with_name(f"{name}.log")
+        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "capture", "--camera", "belt1", "--config", str(config)],
+                                     cwd=REPO, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)
+
+    def frames(self, count: int, timeout: float) -> list:
+        """Up to `count` frame messages, waiting at most `timeout` seconds."""
+        from daemon.wire import recv
+
+        deadline = time.monotonic() + timeout
+        messages = []
+        while len(messages) < count and time.monotonic() < deadline:
+            if self.pull.poll(200):
+                messages.append(recv(self.pull))
+        return messages
+
+    def drain(self) -> None:
+        """Drop whatever is queued."""
+        while self.frames(1, 0):
+            pass
+
+    def log(self) -> str:
+        """Everything the capture process printed so far."""
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        """SIGTERM, wait, close the socket (once); the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(20)
+        if not self.ctx.closed:
+            self.pull.close(0)
+            self.ctx.term()
+        return code
+
+
+@pytest.fixture
+def start_capture() -> Callable[[Path, str], CaptureRun]:
+    """Start capture roles; each must stop with exit code 0 by the end of the test."""
+    started: list[CaptureRun] = []
+
+    def start(config: Path, name: str = "capture") -> CaptureRun:
+        run = CaptureRun(config, name)
+        started.append(run)
+        return run
+    yield start
+    codes = [run.stop() for run in started]
+    assert codes == [0] * len(codes), codes

@@ -5,17 +5,14 @@ resume on the same socket."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
-import zmq
 
-from conftest import REPO, free_port
+from conftest import free_port
 
-from daemon.wire import frame_from, recv
+from daemon.wire import frame_from
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -37,34 +34,18 @@ def start_server(port: int) -> subprocess.Popen:
     return server
 
 
-def receive_frames(pull: zmq.Socket, count: int, timeout: float) -> list:
-    deadline = time.monotonic() + timeout
-    messages = []
-    while len(messages) < count and time.monotonic() < deadline:
-        if pull.poll(200):
-            messages.append(recv(pull))
-    return messages
-
-
 @pytest.mark.skipif(not gstreamer_rtsp_available(),
                     reason="needs GStreamer's RTSP server: apt-get install -y $(cat scripts/ci-apt-packages.txt)")
-def test_rtsp_server_stops_and_returns_capture_reconnects(make_config):
+def test_rtsp_server_stops_and_returns_capture_reconnects(make_config, start_capture):
     port = free_port()
     config = make_config({"cameras": [{"id": "belt1", "source": f"rtsp://127.0.0.1:{port}/line", "fps": 5,
                                        "open_timeout_s": 3.0, "read_timeout_s": 2.0, "stall_timeout_s": 3.0,
                                        "reconnect_initial_s": 0.5, "reconnect_max_s": 2.0, "roi": [0, 0, 200, 160]}]})
-    state = Path(yaml.safe_load(config.read_text())["state_dir"])
-    (state / "run").mkdir(parents=True)
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.connect(f"ipc://{state}/run/frames-belt1.sock")
     server = start_server(port)
-    log_path = config.with_name("capture.log")
-    capture = subprocess.Popen([sys.executable, "-m", "daemon", "capture", "--camera", "belt1", "--config", str(config)],
-                               cwd=REPO, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    capture = start_capture(config)
     try:
-        first = receive_frames(pull, 5, 30)
-        assert len(first) == 5, log_path.read_text()
+        first = capture.frames(5, 30)
+        assert len(first) == 5, capture.log()
         frame = frame_from(first[0])
         assert frame.shape == (160, 200, 3) and frame.std() > 5  # ROI applied, a real picture
         seqs = [m.header["seq"] for m in first]
@@ -73,21 +54,17 @@ def test_rtsp_server_stops_and_returns_capture_reconnects(make_config):
         server.terminate()
         server.wait(10)
         time.sleep(6)  # read timeout + stall: capture notices and starts reconnecting
-        while pull.poll(0):
-            recv(pull)
-        assert "reconnecting" in log_path.read_text() or "retrying" in log_path.read_text()
+        capture.drain()
+        assert "reconnecting" in capture.log() or "retrying" in capture.log()
 
         server = start_server(port)
-        resumed = receive_frames(pull, 5, 45)
-        assert len(resumed) == 5, log_path.read_text()
+        resumed = capture.frames(5, 45)
+        assert len(resumed) == 5, capture.log()
         assert resumed[0].header["seq"] > seqs[-1]
-        assert capture.poll() is None
+        assert capture.proc.poll() is None
     finally:
-        capture.terminate()
-        assert capture.wait(20) == 0
+        assert capture.stop() == 0
         server.terminate()
         server.wait(10)
-        pull.close(0)
-        ctx.term()
-    log = log_path.read_text()
+    log = capture.log()
     assert "source open" in log and log.count("source open") >= 2
