@@ -56,7 +56,6 @@ class Segmenter:
         channels = model.vae.config.latent_channels
         self._noise = torch.randn((1, channels, *self.latent_hw), generator=generator).to(model.device, model.dtype)
         self.timestep = torch.tensor(self.settings.timestep, device=model.device)
-        self._noise_timestep = torch.tensor([self.settings.timestep])
         self._empty_embedding: torch.Tensor | None = None
 
     @classmethod
@@ -123,7 +122,7 @@ class Segmenter:
         """z_t [B, C, h, w]: VAE posterior mean × scaling factor, plus the fixed seeded noise at t."""
         z0 = self.backend.encode(frames_to_batch(list(frames), self.settings.size, self.model.device))
         noise = self._noise.to(z0.device, z0.dtype).expand_as(z0)
-        return self.model.scheduler.add_noise(z0, noise, self._noise_timestep).to(z0.dtype)
+        return self.model.scheduler.add_noise(z0, noise, self.timestep.reshape(1)).to(z0.dtype)
 
     def attention(self, latents: torch.Tensor, embeddings: torch.Tensor, naive: bool = False) -> AttentionRecorder:
         """Head-mean attention of the read layers for one batch (naive: the reference torch path)."""
