@@ -50,11 +50,11 @@ def test_mismatched_export_stops_the_daemon_without_restart_loops(make_config, s
 
 
 def test_compiled_worker_warms_up_before_ready(make_config, start_daemon):
-    config = make_config({"engine": {"compile": True}})
+    config = make_config({"engine": {"compile": True}, "worker": {"batch_size": 1}})  # one size: compiling is slow
     daemon = start_daemon(config)
     daemon.wait_ready(240)
     log = daemon.tail(200)
-    assert "(backend torch, compiled)" in log and "warmed up batch sizes 1,2 in" in log, log
+    assert "(backend torch, compiled)" in log and "warmed up batch sizes 1 in" in log, log
     assert log.index("warmed up batch sizes") < log.index("ready: batch")
     daemon.wait_for(lambda s: s["cameras"]["belt1"].get("published", 0) >= 4, 90, "frames through the compiled worker")
     assert daemon.terminate() == 0
