@@ -34,20 +34,24 @@ def camera_config(make_config, source: str, name: str) -> Path:
                                      "reconnect_max_s": 2.0, "roi": [40, 20, 200, 160]}]}, name=f"{name}.yaml")
 
 
+class Camera:
+    """The MJPEG camera process on a fixed free port, killable and restartable."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc = start_camera(self.port)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.proc = start_camera(self.port)
+
+
 @pytest.fixture
 def camera():
-    """Starts the MJPEG camera on a free port; `camera.restart()` after a kill; killed at the end."""
-    class Camera:
-        port = free_port()
-        proc = start_camera(port)
-
-        def kill(self) -> None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-        def restart(self) -> None:
-            self.proc = start_camera(self.port)
-
+    """A running camera, killed at the end of the test."""
     running = Camera()
     yield running
     running.kill()
