@@ -13,6 +13,7 @@ from engine.results import ClassSet
 from engine.samples_index import sample_paths
 from engine.segmenter import Segmenter
 from engine.settings import IsegSettings
+from tests.crafted_images import png_declaring
 from tests.engine_cli import run_iseg
 
 SMALL = IsegSettings(size=256)
@@ -83,8 +84,10 @@ def test_bad_files_do_not_stop_the_others(tiny_sd21, tmp_path):
     cv2.imwrite(str(small), cv2.resize(cv2.imread(str(good)), (24, 18)))
     tiny = tmp_path / "tiny.png"
     cv2.imwrite(str(tiny), np.zeros((4, 4, 3), np.uint8))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(20000, 20000))
     out = tmp_path / "out"
-    files = [truncated, not_image, tmp_path / "missing.png", gray16, rgba, gray, small, tiny, good]
+    files = [truncated, not_image, tmp_path / "missing.png", gray16, rgba, gray, small, tiny, bomb, good]
     result = run_iseg("segment", *map(str, files), "--model", str(tiny_sd21), "--classes", "scratch",
                       "--out", str(out), "--size", "256", cache_dir=tmp_path / "c")
     assert result.returncode == 1
@@ -93,10 +96,11 @@ def test_bad_files_do_not_stop_the_others(tiny_sd21, tmp_path):
     assert "notes.png: not a readable image" in result.stderr
     assert "missing.png: cannot read" in result.stderr
     assert "tiny.png: 4×4 is too small" in result.stderr
+    assert "bomb.png: image is 20000×20000 (400.0 MP), over the limit of 100 MP" in result.stderr
     for handled in (gray16, rgba, gray, small, good):
         mask = cv2.imread(str(out / f"{handled.stem}.mask.png"), cv2.IMREAD_UNCHANGED)
         assert mask is not None and mask.shape == cv2.imread(str(handled), cv2.IMREAD_UNCHANGED).shape[:2]
-    assert "segmented 5 of 9 images" in result.stdout
+    assert "segmented 5 of 10 images" in result.stdout
 
 
 @pytest.mark.slow
