@@ -22,6 +22,9 @@ from daemon.config import ConfigError, DaemonConfig, config_json_schema, load_co
 from daemon.sources import SourceError
 from engine.errors import EngineError
 
+MAX_STORED_ID = 2**63 - 1
+"""SQLite's largest integer: no recording or alert id is larger, and a larger one would overflow the query."""
+
 
 def _config(args: argparse.Namespace) -> DaemonConfig:
     return load_config(args.config)
@@ -77,6 +80,11 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     from daemon.role import StopFlag
     from daemon.subscribe import run_subscribe
 
+    if args.since is not None and not 0 <= args.since <= MAX_STORED_ID:
+        raise ConfigError(f"subscribe: --since {args.since} must be an alert id in 0..{MAX_STORED_ID}")
+    if args.count is not None and not 1 <= args.count <= MAX_STORED_ID:
+        raise ConfigError(f"subscribe: --count {args.count} must be in 1..{MAX_STORED_ID}")
+
     return run_subscribe(_config(args), args.topic or [], args.since, args.count, args.duration, StopFlag().install())
 
 
@@ -96,16 +104,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-MAX_RECORDING_ID = 2**63 - 1
-"""SQLite's largest integer; a larger id cannot exist and would overflow the query."""
-
-
 def cmd_review(args: argparse.Namespace) -> int:
     from daemon.recorder import RecordingStore
 
     config = _config(args)
-    if args.id is not None and not 1 <= args.id <= MAX_RECORDING_ID:
-        raise ConfigError(f"review {args.action}: {args.id} is not a recording id (ids are 1..{MAX_RECORDING_ID})")
+    if args.id is not None and not 1 <= args.id <= MAX_STORED_ID:
+        raise ConfigError(f"review {args.action}: {args.id} is not a recording id (ids are 1..{MAX_STORED_ID})")
     if not 1 <= args.limit <= 1_000_000:
         raise ConfigError(f"review list: --limit {args.limit} must be in 1..1000000")
     store = RecordingStore(config.state_path)
