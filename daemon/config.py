@@ -55,8 +55,7 @@ def _expand_env(text: str) -> str:
         value = os.environ.get(name)
         if value is None:
             if default is None:
-                raise PydanticCustomError("config_rule", "{text}", {"config_key": "", "text": (
-                    f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")})
+                raise _rule("", f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")
             return default
         return value
 
@@ -76,7 +75,7 @@ Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 Seconds = Annotated[StrictFloat, Field(gt=0, le=86_400)]
 Score = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
 Hwm = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
-Pixels = Annotated[StrictInt, Field(ge=0, le=65_535)]
+Offset = Annotated[StrictInt, Field(ge=0, le=65_535)]
 Extent = Annotated[StrictInt, Field(ge=1, le=65_535)]
 
 
@@ -140,7 +139,7 @@ class CameraConfig(Section):
     id: Annotated[str, BeforeValidator(_text), Field(json_schema_extra={"pattern": CAMERA_ID_PATTERN})]
     source: Annotated[Text, Field(min_length=1)]
     fps: Annotated[StrictFloat, Field(gt=0, le=1000)] = 2.0
-    roi: Optional[tuple[Pixels, Pixels, Extent, Extent]] = None
+    roi: Optional[tuple[Offset, Offset, Extent, Extent]] = None
     classes: Annotated[tuple[Name, ...], Field(min_length=1, max_length=32)] = ("scratch", "dent")
     bg_context: Annotated[Text, Field(max_length=1000)] = DEFAULT_BG_CONTEXT
     thresholds: dict[str, Score] = Field(default_factory=dict)
@@ -157,9 +156,8 @@ class CameraConfig(Section):
     @classmethod
     def _safe_id(cls, value: str) -> str:
         if not re.fullmatch(CAMERA_ID_PATTERN, value):
-            raise PydanticCustomError("config_rule", "{text}", {"config_key": "", "text": (
-                f"{_show(value)} must start with a letter or digit and use only letters, digits, '-' and '_' "
-                "(at most 64 characters; it names topics and files)")})
+            raise _rule("", f"{_show(value)} must start with a letter or digit and use only letters, digits, '-' "
+                        "and '_' (at most 64 characters; it names topics and files)")
         return value
 
     @field_validator("source")

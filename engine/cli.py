@@ -70,9 +70,11 @@ def _load_config(path: str | None) -> dict[str, Any]:
         raise SettingsError(f"--config: {path} must hold a mapping of option: value")
     config = {str(key).replace("-", "_"): value for key, value in data.items()}
     known = set(SETTING_OPTIONS) | set(RUN_OPTIONS)
-    for key in config:
+    for key, value in config.items():
         if key not in known:
             raise SettingsError(f"{path}: {key}: unknown key (known: {', '.join(sorted(known))})")
+        if isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            raise SettingsError(f"{path}: {key}: must be a value or a list of values, not a nested structure")
     return config
 
 

@@ -1,13 +1,16 @@
 """Bad models, bad images and bad class lists: clear one-line errors, and the rest goes on."""
 
+import argparse
 import json
 import shutil
+import time
 
 import cv2
 import numpy as np
 import pytest
 
-from engine.errors import InputError, ModelLoadError
+from engine.cli import resolve_options
+from engine.errors import InputError, ModelLoadError, SettingsError
 from engine.model_loader import load_model
 from engine.results import ClassSet
 from engine.samples_index import sample_paths
@@ -134,3 +137,14 @@ def test_nan_and_odd_frames_through_the_api(tiny_sd21, tmp_path):
         segmenter.segment([np.zeros((64, 64, 3), np.uint8)] * 2, [classes] * 3)
     flat = segmenter.segment([np.full((50, 70, 3), 128, np.uint8)], classes)[0]
     assert flat.labels.shape == (50, 70) and np.isfinite(flat.maps).all()
+
+
+def test_engine_cli_config_refuses_nested_values_before_walking_them(tmp_path):
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    config = tmp_path / "engine.yaml"
+    config.write_text(f"model: m\nclasses: [{', '.join(levels)}]\n")
+    started = time.perf_counter()
+    with pytest.raises(SettingsError, match="classes: must be a value or a list of values, not a nested structure"):
+        resolve_options(argparse.Namespace(config=str(config)))
+    assert time.perf_counter() - started < 1.0

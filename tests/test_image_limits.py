@@ -51,3 +51,4 @@ def test_pillow_formats_over_its_own_bomb_limit_are_refused():
     assert image_dimensions(tiff_declaring(300, 200)) == (300, 200)
     with pytest.raises(InputError, match="x.tif: image has more than 178.957 MP, over the limit of 100 MP"):
         check_image_size(tiff_declaring(20000, 20000), "x.tif")
+
