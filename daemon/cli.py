@@ -84,7 +84,6 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         raise ConfigError(f"subscribe: --since {args.since} must be an alert id in 0..{MAX_STORED_ID}")
     if args.count is not None and not 1 <= args.count <= MAX_STORED_ID:
         raise ConfigError(f"subscribe: --count {args.count} must be in 1..{MAX_STORED_ID}")
-
     return run_subscribe(_config(args), args.topic or [], args.since, args.count, args.duration, StopFlag().install())
 
 

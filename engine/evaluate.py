@@ -47,8 +47,7 @@ def read_dataset(folder: Path) -> tuple[list[str], list[tuple[Path, Path]]]:
 
 def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Label indices of an indexed (palette) or grayscale PNG (its size checked before decoding)."""
-    with open(path, "rb") as handle:
-        check_image_size(handle.read(65536), str(path), max_pixels)
+    check_image_size(path.read_bytes(), str(path), max_pixels)
     with Image.open(path) as image:
         if image.mode not in ("P", "L", "I", "I;16"):
             raise InputError(f"{path}: mask must be an indexed or grayscale PNG, not {image.mode}")
