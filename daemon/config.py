@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, Mapping, Optional
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt,
-                      TypeAdapter, ValidationError, WithJsonSchema, field_validator, model_validator)
+                      StrictStr, TypeAdapter, ValidationError, WithJsonSchema, field_validator, model_validator)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from engine.errors import EngineError
@@ -69,8 +69,8 @@ def _text(value: Any) -> Any:
     return _expand_env(value) if isinstance(value, str) else value
 
 
-Text = Annotated[str, BeforeValidator(_text), Field(max_length=4096)]
-Name = Annotated[str, BeforeValidator(_text), Field(min_length=1, max_length=200)]
+Text = Annotated[StrictStr, BeforeValidator(_text), Field(max_length=4096)]
+Name = Annotated[StrictStr, BeforeValidator(_text), Field(min_length=1, max_length=200)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 Seconds = Annotated[StrictFloat, Field(gt=0, le=86_400)]
 Score = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
@@ -136,13 +136,13 @@ class SyntheticSource(Section):
 class CameraConfig(Section):
     """One camera: where frames come from, what to look for, and how sure to be."""
 
-    id: Annotated[str, BeforeValidator(_text), Field(json_schema_extra={"pattern": CAMERA_ID_PATTERN})]
+    id: Annotated[StrictStr, BeforeValidator(_text), Field(json_schema_extra={"pattern": CAMERA_ID_PATTERN})]
     source: Annotated[Text, Field(min_length=1)]
     fps: Annotated[StrictFloat, Field(gt=0, le=1000)] = 2.0
     roi: Optional[tuple[Offset, Offset, Extent, Extent]] = None
     classes: Annotated[tuple[Name, ...], Field(min_length=1, max_length=32)] = ("scratch", "dent")
     bg_context: Annotated[Text, Field(max_length=1000)] = DEFAULT_BG_CONTEXT
-    thresholds: dict[str, Score] = Field(default_factory=dict)
+    thresholds: dict[Name, Score] = Field(default_factory=dict)
     loop: StrictBool = True
     synthetic: SyntheticSource = SyntheticSource()
     open_timeout_s: Annotated[StrictFloat, Field(gt=0, le=3600)] = 5.0
@@ -469,6 +469,8 @@ def _show(value: Any) -> str:
 def _key_path(loc: tuple[Any, ...]) -> str:
     path = ""
     for part in loc:
+        if part == "[key]":
+            continue
         if isinstance(part, int):
             path += f"[{part}]"
         else:
