@@ -20,8 +20,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from engine.errors import EngineError
-from engine.settings import DEFAULT_BG_CONTEXT, IsegSettings
+from engine import DEFAULT_BG_CONTEXT, DtypeName, EngineError, IsegSettings
 
 
 class ConfigError(Exception):
@@ -67,11 +66,11 @@ class CameraConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What `engine.segmenter.Segmenter.load` gets; `settings` override ISEG_SPEC defaults."""
+    """What `engine.segmenter.Segmenter.load` gets; `settings` override the method defaults (docs/method.md §10)."""
 
     model_dir: str
     device: str = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: DtypeName = "float32"
     backend: Literal["torch", "onnx"] = "torch"
     onnx_dir: str | None = None
     compile: bool = False

@@ -21,11 +21,11 @@ import zmq
 from daemon.calibration import thresholds_for
 from daemon.config import DaemonConfig
 from daemon.metrics import Registry
-from daemon.model_setup import ensure_model
+from daemon.model_setup import load_segmenter
 from daemon.role import EX_CONFIG, Heartbeat, StopFlag
 from daemon.security import connect_curve_client, stop_authenticators
 from daemon.wire import Message, WireError, array_header, frame_from, now, recv, send
-from engine.errors import ModelLoadError, SettingsError
+from engine import ModelLoadError, SettingsError
 
 IDLE_DRAIN_S = 0.3
 DRAIN_MAX_S = 5.0
@@ -37,36 +37,6 @@ class PendingFrame:
 
     header: dict[str, Any]
     frame: np.ndarray
-
-
-def load_segmenter(config: DaemonConfig, log: logging.Logger) -> tuple[Any, dict[str, Any]]:
-    """Load the model and cache every camera's text embedding; returns (segmenter, class set per camera)."""
-    from engine.results import ClassSet
-    from engine.segmenter import Segmenter
-
-    if config.worker.torch_threads:
-        import torch
-
-        torch.set_num_threads(config.worker.torch_threads)
-    model_dir = ensure_model(config)
-    started = time.monotonic()
-    engine = config.engine
-    segmenter = Segmenter.load(model_dir, device=engine.device, dtype=engine.dtype, settings=engine.settings,
-                               cache_dir=config.state_path / "embeddings", backend=engine.backend,
-                               onnx_dir=config.onnx_path, compile_blocks=engine.compile,
-                               cuda_graphs=engine.cuda_graphs, max_batch=config.worker.batch_size)
-    class_sets = {}
-    for camera in config.cameras:
-        class_sets[camera.id] = ClassSet(camera.classes, camera.bg_context)
-        segmenter.prepare(class_sets[camera.id])
-    log.info("model %s loaded on %s/%s (backend %s%s%s), %d class set(s) cached in %.1fs", model_dir, engine.device,
-             engine.dtype, engine.backend, ", compiled" if engine.compile else "",
-             ", CUDA graphs" if engine.cuda_graphs else "", len(class_sets), time.monotonic() - started)
-    if engine.cuda_graphs or engine.compile:
-        seconds = segmenter.warm_up(next(iter(class_sets.values())))
-        log.info("warmed up batch sizes %s in %.1fs (graph capture / compilation done before the first frame)",
-                 ",".join(map(str, seconds)), sum(seconds.values()))
-    return segmenter, class_sets
 
 
 def connect_sockets(ctx: zmq.Context, config: DaemonConfig, remote: bool) -> tuple[zmq.Socket, zmq.Socket, list[str]]:
@@ -149,7 +119,7 @@ class Worker:
 
     def run_batch(self, batch: list[PendingFrame]) -> list[tuple[PendingFrame, Any, str]]:
         """Segment a batch; if it fails, frame by frame so one bad frame fails alone."""
-        from engine.errors import EngineError
+        from engine import EngineError
 
         sets = [self.class_sets[p.header["camera"]] for p in batch]
         if self.heartbeat:
@@ -243,7 +213,7 @@ def run_worker(config: DaemonConfig, stop: StopFlag, name: str = "worker.0", rem
         log.info("worker %s (pid %d) ready: batch %d, max wait %.0f ms, on %s", name, os.getpid(),
                  config.worker.batch_size, config.worker.max_wait_ms, ", ".join(endpoints))
         metrics.set("iseg_worker_ready", 1, worker=name)
-        heartbeat.update(ready=True, backend=segmenter.backend.name, cuda_graphs=segmenter.torch_backend.cuda_graphs)
+        heartbeat.update(ready=True, backend=segmenter.backend_name, cuda_graphs=segmenter.cuda_graphs)
         worker.loop(pull, push, stop)
         log.info("worker %s stopped (%s)", name, stop.signal_name or "done")
     finally:

@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.clustering import cluster_means, kl_kmeans, seed_indices, symmetric_kl
+from engine.method.clustering import cluster_means, kl_kmeans, seed_indices, symmetric_kl
 
 
 def test_seed_grid_of_the_official_setting():

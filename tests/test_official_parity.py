@@ -19,13 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attention_capture import install_fast, install_naive
-from engine.image_io import read_image
-from engine.layers import READ_LAYERS
+from engine.model.attention_capture import install_fast, install_naive
+from engine.model.layers import READ_LAYERS
 from engine.results import ClassSet
-from engine.samples_index import sample_paths
 from engine.segmenter import Segmenter
 from engine.settings import IsegSettings
+from engine.tools.image_io import read_image
+from engine.tools.samples import sample_paths
 
 pytestmark = pytest.mark.slow
 
