@@ -13,7 +13,7 @@ import torch
 from engine.backends.cuda_graphs import batch_buckets
 from engine.backends.torch_backend import TorchBackend
 from engine.errors import InputError, SettingsError
-from engine.method.clustering import cluster_means, kl_kmeans
+from engine.method.clustering import cluster_means, kl_kmeans, seed_indices
 from engine.method.cross_maps import CrossLevel, class_columns, token_maps
 from engine.method.ent_self import entropy_reduced_transition
 from engine.method.interactive import box_column, point_columns, prompt_mask
@@ -179,12 +179,10 @@ class Segmenter:
         levels = self._levels(recorder)
         c_all, raw_all = token_maps(levels, self.latent_hw)
         transitions = entropy_reduced_transition(recorder.mean("self"), self.settings.ent)
-        x0 = []
-        for index, entry in enumerate(entries):
-            c = c_all[index]
-            if self.settings.cluster:
-                c = cluster_means(c, kl_kmeans(c, self.latent_hw, self.settings.cluster_seeds, self.settings.cluster_iters))
-            x0.append(class_columns(c, entry.spans))
+        if self.settings.cluster:
+            labels = kl_kmeans(c_all, self.latent_hw, self.settings.cluster_seeds, self.settings.cluster_iters)
+            c_all = cluster_means(c_all, labels, len(seed_indices(self.latent_hw, self.settings.cluster_seeds)))
+        x0 = [class_columns(c_all[index], entry.spans) for index, entry in enumerate(entries)]
         refined = list(x0)
         by_class_count: dict[int, list[int]] = {}
         for index, columns in enumerate(x0):
