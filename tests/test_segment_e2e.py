@@ -156,10 +156,11 @@ def test_segment_prompt_modes_find_the_object(tiny_sd21, tmp_path, prompt):
     mask = read_image(out / "part.mask.png")
     assert mask.shape == obj.shape and set(np.unique(mask)) <= {0, 1}
     selected = mask.astype(bool)
-    assert selected[obj].mean() > 0.02, "the mask misses the object"
-    assert obj[selected].mean() > 0.9, "the mask spills off the object"
-    record = json.loads((out / "part.json").read_text())
     kind = prompt[0].removeprefix("--")
+    assert selected[obj].mean() > 0.02, "the mask misses the object"
+    # A box starts from every cell inside it, margin included; a click or a stroke from the object alone.
+    assert obj[selected].mean() > (0.6 if kind == "box" else 0.9), "the mask spills off the object"
+    record = json.loads((out / "part.json").read_text())
     assert record["prompt"] == {"point": "points"}.get(kind, kind)
     assert abs(record["area"] - selected.mean()) < 1e-9
     assert np.load(out / "part.maps.npy").shape == (1, *obj.shape)
