@@ -111,6 +111,8 @@ class RecorderConfig:
     retention_days: float = 30.0
     min_free_mb: float = 1024.0
     retention_check_s: float = 30.0
+    keep_recent_h: float = 24.0
+    delete_confirmed: bool = False
     jpeg_quality: int = 85
 
 
@@ -411,6 +413,8 @@ def _check(config: DaemonConfig) -> None:
     r = config.recorder
     if r.retention_days <= 0 or r.min_free_mb < 0 or not 1 <= r.jpeg_quality <= 100:
         raise ConfigError("recorder: retention_days > 0, min_free_mb >= 0 and jpeg_quality in 1..100 are required")
+    if not 0 <= r.keep_recent_h <= 24 * 3650:
+        raise ConfigError(f"recorder.keep_recent_h: {r.keep_recent_h} must be between 0 and 87600 hours")
     c = config.calibration
     if not 0.0 < c.quantile <= 1.0:
         raise ConfigError(f"calibration.quantile: {c.quantile} must be in (0, 1]")

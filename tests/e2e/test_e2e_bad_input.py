@@ -84,7 +84,7 @@ def test_worker_survives_malformed_and_corrupt_frames(make_config):
         assert labels.shape == (96, 128)
         assert set(outcomes[2].header["presence"]) == {"scratch", "dent"}
         heartbeat = last_heartbeat(telemetry, "worker.t", lambda h: counter(h, "iseg_worker_frames_total") == 2, 10)
-        assert counter(heartbeat, "iseg_worker_bad_messages_total") == 5
+        assert counter(heartbeat, "iseg_rejected_messages_total") == 5
         assert counter(heartbeat, "iseg_worker_failed_frames_total") == 1
         assert worker.poll() is None
     finally:
