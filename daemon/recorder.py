@@ -288,6 +288,11 @@ class Recorder:
         cfg = self.config.recorder
         try:
             self.store.ensure_folder()
+        except OSError as err:
+            self.metrics.inc("iseg_recorder_write_errors_total", camera=camera)
+            self._failed(f"recordings folder {self.store.root} cannot be created: {err}")
+            return None
+        try:
             self.retention(needed_mb)
             if self.store.free_mb() < cfg.min_free_mb + needed_mb:
                 raise DiskFull(f"{self.store.free_mb():.1f} MB free, recorder.min_free_mb is {cfg.min_free_mb:g}")

@@ -244,6 +244,7 @@ def run_worker(config: DaemonConfig, stop: StopFlag, name: str = "worker.0", rem
         log.info("worker %s (pid %d) ready: batch %d, max wait %.0f ms, on %s", name, os.getpid(),
                  config.worker.batch_size, config.worker.max_wait_ms, ", ".join(endpoints))
         metrics.set("iseg_worker_ready", 1, worker=name)
+        heartbeat.progress()  # loading took long; without this the first "ready" heartbeat looks like a stuck loop
         heartbeat.update(ready=True, backend=segmenter.backend.name, cuda_graphs=segmenter.torch_backend.cuda_graphs)
         worker.loop(pull, push, stop)
         log.info("worker %s stopped (%s)", name, stop.signal_name or "done")
