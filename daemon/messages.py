@@ -9,8 +9,10 @@ with a reason from a fixed vocabulary, which the receiving role counts
 that end up in file paths or metric labels are always configured camera ids and
 class names.
 
-The checks are written by hand rather than with pydantic because frames and results
-are the hot path (scripts/bench_messages.py measures both; see the README).
+The checks are plain Python: about 30-50 us per frame or result message including the
+JSON parse and the payload check (scripts/bench_messages.py; the header alone as a
+pydantic v2 model measures 10-20 us), under 0.1 % of one inference either way, and they
+return the numpy views the roles need without a second pass.
 """
 
 from __future__ import annotations
