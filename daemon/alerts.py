@@ -226,3 +226,4 @@ class AlertStore:
                                len(ids), ids[0], ids[-1], self.error)
         if self.db is not None:
             self.db.close()
+            self.db = None

@@ -252,9 +252,10 @@ def run_publisher(config: DaemonConfig, stop: StopFlag) -> int:
                 next_stats = time.monotonic() + STATS_INTERVAL_S
         log.info("publisher stopped after %d frames (%s)", publisher.published, stop.signal_name or "done")
     finally:
+        publisher.maintain()
         publisher.store.close()
         publisher.save_state()
-        publisher.maintain()
+        publisher.state.close()
         heartbeat.stop()
         for sock in (pull, pub, rep):
             sock.close()

@@ -98,3 +98,22 @@ def test_corrupt_alert_database_is_moved_aside(tmp_path, caplog):
     moved = list(tmp_path.glob("alerts.sqlite3.corrupt-*"))
     assert len(moved) == 1 and moved[0].read_bytes().startswith(b"this is not")
     assert len([r for r in caplog.records if "corrupt" in r.getMessage()]) == 1
+
+
+def test_publisher_state_file_overwrites_in_place_and_ignores_garbage(tmp_path, caplog):
+    import logging
+
+    from daemon.publisher_state import PublisherState
+
+    state = PublisherState(tmp_path / "publisher-state.json", logging.getLogger("test.state"))
+    assert state.load() == {}
+    assert state.save({"next_alert_id": 7, "debounce": {"cam": {"scratch": {"window": [True] * 50}}}})
+    assert state.save({"next_alert_id": 8})
+    assert PublisherState(tmp_path / "publisher-state.json", logging.getLogger("x")).load()["next_alert_id"] == 8
+    state.close()
+    (tmp_path / "publisher-state.json").write_text('{"next_alert_id": 9, "version": 1}\n{"torn": ')
+    assert state.load()["next_alert_id"] == 9, "stale bytes after the document are ignored"
+    (tmp_path / "publisher-state.json").write_bytes(b"\x00garbage")
+    with caplog.at_level(logging.WARNING, "test.state"):
+        assert state.load() == {}
+    assert "ignoring unreadable" in caplog.text

@@ -145,7 +145,7 @@ def test_hostile_and_forged_heartbeats_cannot_crash_the_supervisor_or_hide_a_fro
     stats = daemon.stats()
     assert stats["roles"]["worker.0"]["pid"] != worker_pid and stats["roles"]["worker.0"]["restarts"] == 1, \
         f"forged heartbeats kept a frozen worker alive: {stats['roles']['worker.0']}\n{daemon.tail()}"
-    assert "worker.0 (pid %d) is hung: heartbeat silent" % worker_pid in daemon.log_path.read_text()
+    assert "worker.0 (pid %d) is hung" % worker_pid in daemon.log_path.read_text()
     push.close(0)
 
 
