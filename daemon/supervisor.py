@@ -9,6 +9,13 @@ queued frames still drain through worker and publisher) within `stop_timeout_s`.
 
 systemd hears READY=1 only once the model is loaded, embeddings are cached and a
 first frame went all the way through; WATCHDOG=1 only while every heartbeat is fresh.
+SIGHUP is the same orderly stop as SIGTERM.
+
+It owns the state dir (an exclusive lock, shared with the roles it starts) and trusts a
+heartbeat only from a process it started: the kernel's peer pid on the ipc connection,
+the pid in the message and a per-start token must all match (daemon/messages.py), so a
+forged or malformed heartbeat is counted and dropped, never believed. A role that says
+it is `degraded` (alive but unable to do its job, e.g. a full disk) is not `up`.
 """
 
 from __future__ import annotations
