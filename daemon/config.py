@@ -250,6 +250,8 @@ class RecorderConfig(Section):
     retention_days: Annotated[StrictFloat, Field(gt=0, le=36_500)] = 30.0
     min_free_mb: Annotated[StrictFloat, Field(ge=0, le=1_000_000_000_000)] = 1024.0
     retention_check_s: Seconds = 30.0
+    keep_recent_h: Annotated[StrictFloat, Field(ge=0, le=87_600)] = 24.0
+    delete_confirmed: StrictBool = False
     jpeg_quality: Annotated[StrictInt, Field(ge=1, le=100)] = 85
 
 
