@@ -20,7 +20,7 @@ import zmq
 
 from daemon.config import ConfigError, DaemonConfig, config_json_schema, load_config
 from daemon.sources import SourceError
-from engine.errors import EngineError
+from engine import EngineError
 
 MAX_STORED_ID = 2**63 - 1
 """SQLite's largest integer: no recording or alert id is larger, and a larger one would overflow the query."""
@@ -30,12 +30,21 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
     return load_config(args.config)
 
 
-def _role(body: Callable[[DaemonConfig, argparse.Namespace, Any], int]) -> Callable[[argparse.Namespace], int]:
-    """Wrap a role body: load config, set up logging and SIGTERM handling."""
+def _role(body: Callable[[DaemonConfig, argparse.Namespace, Any], int], owns_state: bool = True
+          ) -> Callable[[argparse.Namespace], int]:
+    """Wrap a role body: load config, take the state dir's lock (roles that bind sockets or write
+    state), set up logging and SIGTERM/SIGHUP handling."""
     def run(args: argparse.Namespace) -> int:
         from daemon.role import StopFlag, setup_logging
+        from daemon.state_lock import StateDirInUse, acquire
 
         config = _config(args)
+        if owns_state:
+            try:
+                acquire(config.state_path)
+            except StateDirInUse as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
         setup_logging(config.log_level)
         return body(config, args, StopFlag().install())
     return run
@@ -168,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The full `iseg` parser."""
     parser = argparse.ArgumentParser(prog="iseg", description="Camera inspection with iSeg (training-free segmentation).")
     sub = parser.add_subparsers(dest="command", required=True)
-    import engine.cli
+    from engine import register_commands
 
-    engine.cli.register(sub)
+    register_commands(sub)
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)
@@ -196,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", default="worker.0", help="name in logs and metrics")
     worker.add_argument("--remote", action="store_true",
                         help="connect over TCP with CurveZMQ to the host in sockets.remote (a worker on another host)")
-    worker.set_defaults(func=_role(cmd_worker))
+    worker.set_defaults(func=_role(cmd_worker, owns_state=False))
 
     with_config("publish", "run the publisher role").set_defaults(func=_role(cmd_publish))
     with_config("record", "run the recorder role").set_defaults(func=_role(cmd_record))

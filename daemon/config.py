@@ -23,8 +23,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       StrictStr, TypeAdapter, ValidationError, WithJsonSchema, field_validator, model_validator)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from engine.errors import EngineError
-from engine.settings import DEFAULT_BG_CONTEXT, IsegSettings
+from engine import DEFAULT_BG_CONTEXT, DtypeName, EngineError, IsegSettings
 
 MAX_CONFIG_BYTES = 1_000_000
 """A config file larger than this is refused before it is parsed (real configs are a few kB)."""
@@ -191,11 +190,11 @@ class CameraConfig(Section):
 
 
 class EngineConfig(Section):
-    """What `engine.segmenter.Segmenter.load` gets; `settings` override ISEG_SPEC defaults."""
+    """What `engine.segmenter.Segmenter.load` gets; `settings` override the method defaults (docs/method.md §10)."""
 
     model_dir: Annotated[Text, Field(min_length=1)]
     device: Annotated[Text, Field(min_length=1, max_length=64)] = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: DtypeName = "float32"
     backend: Literal["torch", "onnx"] = "torch"
     onnx_dir: Optional[Text] = None
     compile: StrictBool = False
@@ -250,6 +249,8 @@ class RecorderConfig(Section):
     retention_days: Annotated[StrictFloat, Field(gt=0, le=36_500)] = 30.0
     min_free_mb: Annotated[StrictFloat, Field(ge=0, le=1_000_000_000_000)] = 1024.0
     retention_check_s: Seconds = 30.0
+    keep_recent_h: Annotated[StrictFloat, Field(ge=0, le=87_600)] = 24.0
+    delete_confirmed: StrictBool = False
     jpeg_quality: Annotated[StrictInt, Field(ge=1, le=100)] = 85
 
 
