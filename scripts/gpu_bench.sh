@@ -73,6 +73,7 @@ run_stage() {
     if [ -z "$dry" ]; then
       install_wheels || exit 3
       [ -f .whl/bpe_simple_vocab_16e6.txt.gz ] && export ISEG_CLIP_VOCAB=$PWD/.whl/bpe_simple_vocab_16e6.txt.gz
+      [ -d .whl/iseg-tests ] && mkdir -p "$ISEG_TEST_MODEL_CACHE" && cp -r .whl/iseg-tests/. "$ISEG_TEST_MODEL_CACHE/"
     fi
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
     timeout -k 10 "$hard_limit" "$PYTHON" scripts/gpu_bench.py --out-dir "$OUT" --stage "$stage" $dry
