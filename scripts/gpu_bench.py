@@ -359,6 +359,13 @@ class ProcessTree:
 # ---------------------------------------------------------------- sections
 
 
+def gpu_test_command(plan: Plan) -> list[str]:
+    """pytest on tests/test_gpu.py: stop at the first failure, report every outcome, a short
+    per-test timeout (the compile test is left to the second command's compile sections)."""
+    return [sys.executable, "-m", "pytest", "-x", "-rA", "-p", "no:cacheprovider", f"--timeout={plan.test_timeout_s}",
+            "-k", "not compiled", "tests/test_gpu.py"]
+
+
 def section_gpu_tests(entry: dict[str, Any], plan: Plan, out_dir: Path, budget_s: float) -> None:
     """tests/test_gpu.py on the device (on CPU every test there skips, which still checks the
     command line); the tiny model is built first so the per-test timeout covers tests only."""
@@ -367,8 +374,7 @@ def section_gpu_tests(entry: dict[str, Any], plan: Plan, out_dir: Path, budget_s
 
     entry["tiny_model"] = str(tiny_model_path("sd21"))
     entry["tiny_model_s"] = round(time.perf_counter() - started, 1)
-    command = [sys.executable, "-m", "pytest", "-x", "-rA", "-p", "no:cacheprovider", f"--timeout={plan.test_timeout_s}",
-               "-k", "not compiled", "tests/test_gpu.py"]
+    command = gpu_test_command(plan)
     entry["command"] = command
     log_path = out_dir / "gpu_tests.log"
     log_path.write_text(f"$ {' '.join(command)}\n")
@@ -556,6 +562,11 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": float(np.percentile(values, 50)), "p99": float(np.percentile(values, 99))}
 
 
+def daemon_command(config_path: Path, plan: Plan) -> list[str]:
+    """`iseg run` for the line config; --duration stops it even if this process is killed."""
+    return [sys.executable, "-m", "daemon", "run", "--config", str(config_path), "--duration", f"{plan.daemon_duration_s:g}"]
+
+
 def section_daemon(entry: dict[str, Any], plan: Plan, state: dict[str, Any], out_dir: Path,
                    save: Callable[[], None], budget_s: float) -> None:
     """`iseg run --duration` on the line config; a subscriber counts what is published in the
@@ -578,8 +589,7 @@ def section_daemon(entry: dict[str, Any], plan: Plan, state: dict[str, Any], out
     workdir = Path(tempfile.mkdtemp(prefix="iseg-gpu-daemon-"))
     config_path = daemon_config(workdir, plan, state["model_dir"])
     config = load_config(config_path)
-    command = [sys.executable, "-m", "daemon", "run", "--config", str(config_path),
-               "--duration", f"{plan.daemon_duration_s:g}"]
+    command = daemon_command(config_path, plan)
     width, height = plan.camera_wh
     entry.update(command=command, cameras=plan.cameras, camera=f"{width}x{height} at {plan.camera_fps:g} fps",
                  worker_batch=plan.daemon_batch, cuda_graphs=not plan.dry_run, duration_s=plan.daemon_duration_s,
@@ -611,7 +621,8 @@ def section_daemon(entry: dict[str, Any], plan: Plan, state: dict[str, Any], out
         last_call = launched + plan.daemon_duration_s - 0.5
         window_end = min(window_start + plan.daemon_window_s, last_call)
         next_save = window_start + 1
-        while time.monotonic() < window_end or (len(frames) < plan.daemon_min_frames and time.monotonic() < last_call):
+        while time.monotonic() < window_end or (len(frames) < plan.daemon_min_frames
+                                                and time.monotonic() < last_call):
             if subscriber.poll(100):
                 message = recv(subscriber)
                 if time.monotonic() < window_start:
