@@ -107,7 +107,7 @@ GPU_PLAN = Plan(
     min_free_gib=24.0, test_timeout_s=45, cameras=4, camera_wh=(1280, 720), camera_fps=30.0, daemon_batch=8,
     daemon_startup_s=25.0, daemon_warmup_s=2.0, daemon_window_s=15.0, daemon_min_frames=1,
     budgets={"first": {"preflight": 30, "gpu_tests": 80, "model": 40, "eager": 40, "cuda_graphs": 40, "daemon": 70},
-             "second": {"preflight": 30, "model": 40, "onnx": 60, "compiled": 110, "compiled_cuda_graphs": 60}})
+             "second": {"preflight": 20, "model": 40, "onnx": 40, "compiled": 140, "compiled_cuda_graphs": 60}})
 DRY_PLAN = Plan(
     dry_run=True, device="cpu", dtype="float32", size=64, narrow=True, batches=(1, 2, 4),
     min_frames=2, batches_per_measure=1, naive_frames=1, parity_batches=(1, 3), compile_batches=(1,),
@@ -380,8 +380,9 @@ def section_gpu_tests(entry: dict[str, Any], plan: Plan, out_dir: Path, budget_s
     log_path.write_text(f"$ {' '.join(command)}\n")
     tree = ProcessTree(command, log_path)
     code = tree.wait(max(10.0, budget_s - (time.perf_counter() - started) - 5))
+    stop = tree.stop(2)
     if code is None:
-        entry["stop"] = tree.stop(2)
+        entry["stop"] = stop
     text = log_path.read_text(errors="replace")
     entry["outcomes"] = re.findall(r"^(?:PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) .*$", text, flags=re.M)
     summary = [line for line in text.splitlines() if line.startswith("=") and (" in " in line or "passed" in line)]
