@@ -181,7 +181,7 @@ def check_imports(entry: dict[str, Any]) -> None:
 
 def check_vocabulary(entry: dict[str, Any]) -> None:
     """The CLIP vocabulary the tiny test model's tokenizer is built from, found without the network."""
-    from engine.clip_vocab import VOCAB_NAME, cache_dir, read_merges
+    from engine.model.clip_vocab import VOCAB_NAME, cache_dir, read_merges
 
     explicit = os.environ.get("ISEG_CLIP_VOCAB")
     path = Path(explicit) if explicit else cache_dir() / "clip" / VOCAB_NAME
@@ -397,7 +397,7 @@ def section_gpu_tests(entry: dict[str, Any], plan: Plan, out_dir: Path, budget_s
 
 def section_model(entry: dict[str, Any], plan: Plan, state: dict[str, Any]) -> None:
     """The full-size topology (narrow in a dry run) written once, then loaded in the run's dtype."""
-    from engine.full_size import build_full_size_model
+    from engine.tools.full_size import build_full_size_model
     from engine.segmenter import Segmenter
     from engine.settings import IsegSettings
 
@@ -417,7 +417,7 @@ def section_model(entry: dict[str, Any], plan: Plan, state: dict[str, Any]) -> N
 
 
 def bench_images(plan: Plan) -> list:
-    from engine.bench import bench_frames
+    from engine.tools.bench import bench_frames
 
     return bench_frames(plan.frames_for(max(plan.batches + plan.compile_batches)))
 
@@ -427,7 +427,7 @@ def measure_into(entry: dict[str, Any], key: str, segmenter: Any, frames: list, 
     """One batch size measured and saved into entry["batches"][key] at once."""
     import torch
 
-    from engine.bench import measure
+    from engine.tools.bench import measure
 
     if plan.device == "cuda":
         torch.cuda.empty_cache()
@@ -446,7 +446,7 @@ def measure_into(entry: dict[str, Any], key: str, segmenter: Any, frames: list, 
 def section_eager(entry: dict[str, Any], plan: Plan, state: dict[str, Any], save: Callable[[], None]) -> None:
     import torch
 
-    from engine.bench import flops_per_frame, measure, peak_tflops
+    from engine.tools.bench import flops_per_frame, measure, peak_tflops
 
     segmenter = state["eager"]
     frames = state.setdefault("frames", bench_images(plan))
@@ -481,7 +481,7 @@ class EmulatedCapture:
 def graphed_segmenter(base: Any, plan: Plan, max_batch: int) -> Any:
     """A Segmenter replaying CUDA graphs on `base`'s model (emulated capture in a dry run)."""
     from engine.segmenter import Segmenter
-    from engine.torch_backend import TorchBackend
+    from engine.backends.torch_backend import TorchBackend
 
     if not plan.dry_run:
         return Segmenter(base.model, base.settings, base.text_cache_dir, cuda_graphs=True, max_batch=max_batch)
@@ -504,7 +504,7 @@ def section_graphs(entry: dict[str, Any], plan: Plan, state: dict[str, Any], sav
                    batches: tuple[int, ...], parity_batches: tuple[int, ...], reference: dict[int, list] | None,
                    baseline: dict[str, Any] | None) -> None:
     """Parity with eager first (first call includes the capture), then each batch size."""
-    from engine.bench import BENCH_CLASSES
+    from engine.tools.bench import BENCH_CLASSES
 
     eager = state["eager"]
     frames = state.setdefault("frames", bench_images(plan))
@@ -687,8 +687,8 @@ def dry_compile_backend(plan: Plan) -> Iterator[str]:
 def section_compiled(entry: dict[str, Any], plan: Plan, state: dict[str, Any], save: Callable[[], None]) -> None:
     """Eager reference results first, then the blocks compiled, the first call per batch size
     timed (compilation), parity, and each batch size measured."""
-    from engine.bench import BENCH_CLASSES
-    from engine.torch_backend import compile_static_blocks
+    from engine.tools.bench import BENCH_CLASSES
+    from engine.backends.torch_backend import compile_static_blocks
 
     segmenter = state["eager"]
     frames = state.setdefault("frames", bench_images(plan))
@@ -714,9 +714,9 @@ def section_onnx(entry: dict[str, Any], plan: Plan, state: dict[str, Any], save:
     against); measured only where ONNX Runtime can run it there."""
     import onnxruntime
 
-    from engine.bench import BENCH_CLASSES
-    from engine.onnx_backend import onnx_backend_factory
-    from engine.onnx_export import export_onnx
+    from engine.tools.bench import BENCH_CLASSES
+    from engine.backends.onnx_backend import onnx_backend_factory
+    from engine.backends.onnx_export import export_onnx
     from engine.segmenter import Segmenter
 
     providers = onnxruntime.get_available_providers()

@@ -29,7 +29,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from engine.clip_vocab import VOCAB_NAME, locate_vocab, read_merges
+from engine.model.clip_vocab import VOCAB_NAME, locate_vocab, read_merges
 from tests.conftest import tiny_model_path
 
 folder = Path(".whl")

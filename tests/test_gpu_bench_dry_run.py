@@ -138,7 +138,7 @@ def test_a_failure_mid_section_keeps_the_batches_measured_before_it(tmp_path, mo
     """The eager section itself, with measure() failing at the third batch size (as an OOM
     would): the first two are in the JSON on disk, with the error and the whole chained
     traceback, and the failure does not stop the run."""
-    import engine.bench
+    import engine.tools.bench
 
     calls = []
 
@@ -151,8 +151,8 @@ def test_a_failure_mid_section_keeps_the_batches_measured_before_it(tmp_path, mo
                 raise RuntimeError("capture failed at batch 4 (the end of the chain)") from cause
         return {"batch": batch, "fps": 10.0 * batch, "batch_latency_ms": {"p50": 1.0, "p99": np.float32(2.0)}}
 
-    monkeypatch.setattr(engine.bench, "measure", measure)
-    monkeypatch.setattr(engine.bench, "flops_per_frame", lambda segmenter, frames: 2e9)
+    monkeypatch.setattr(engine.tools.bench, "measure", measure)
+    monkeypatch.setattr(engine.tools.bench, "flops_per_frame", lambda segmenter, frames: 2e9)
     plan = gpu_bench.DRY_PLAN
     report = Report(tmp_path / "gpu_bench.json", stage="first")
     state = {"eager": object(), "frames": [np.zeros((8, 8, 3), np.uint8)] * 8}
@@ -309,8 +309,8 @@ def test_the_onnx_section_exports_in_the_runs_dtype(tmp_path, monkeypatch, clip_
     """A float16 run (the GPU's dtype) on CPU: the export is made in float16 and the ONNX
     Segmenter accepts it. An export left at its float32 default (the bug this guards
     against) is refused by the Segmenter, so the section fails instead of measuring."""
-    import engine.onnx_export
-    from engine.full_size import build_full_size_model
+    import engine.backends.onnx_export
+    from engine.tools.full_size import build_full_size_model
     from engine.segmenter import Segmenter
     from engine.settings import IsegSettings
 
@@ -321,8 +321,8 @@ def test_the_onnx_section_exports_in_the_runs_dtype(tmp_path, monkeypatch, clip_
     eager = Segmenter.load(model_dir, dtype="float16", settings=IsegSettings(size=plan.size), cache_dir=tmp_path)
     state = {"eager": eager, "model_dir": model_dir}
 
-    real_export = engine.onnx_export.export_onnx
-    monkeypatch.setattr(engine.onnx_export, "export_onnx",
+    real_export = engine.backends.onnx_export.export_onnx
+    monkeypatch.setattr(engine.backends.onnx_export, "export_onnx",
                         lambda model, out, size, device, dtype, progress: real_export(model, out, size=size))
     report = Report(tmp_path / "r.json")
     with report.section("onnx", 600) as entry:
@@ -330,7 +330,7 @@ def test_the_onnx_section_exports_in_the_runs_dtype(tmp_path, monkeypatch, clip_
     assert report.data["sections"]["onnx"]["status"] == "error"
     assert "exported for dtype 'float32' but this run has 'float16'" in report.data["sections"]["onnx"]["error"]
 
-    monkeypatch.setattr(engine.onnx_export, "export_onnx", real_export)
+    monkeypatch.setattr(engine.backends.onnx_export, "export_onnx", real_export)
     with report.section("onnx", 600) as entry:
         gpu_bench.section_onnx(entry, plan, state, report.save)
     onnx = strict_json(tmp_path / "r.json")["sections"]["onnx"]
