@@ -120,3 +120,64 @@ def run_calibration(config: DaemonConfig, camera_id: str, count: int, report: An
         report(f"  {name}: mean {stats['mean']:.3f}, p99 {stats['p99']:.3f}, max {stats['max']:.3f} -> threshold {stats['threshold']:.3f}")
     report(f"calibration written to {path}; restart the workers (or `iseg run`) to use it")
     return path
+
+
+def eval_operating_point(document: Any, fpr: float, category: str | None, source: str) -> tuple[str, dict[str, Any]]:
+    """The category and its operating point at `fpr` from an `iseg eval --json` document; the error
+    names what is missing and what the file has."""
+    categories = document.get("categories") if isinstance(document, dict) else None
+    if not isinstance(categories, dict) or not categories:
+        raise ConfigError(f"--from-eval: {source} is not an `iseg eval --format mvtec|visa --json` result "
+                          "(no \"categories\")")
+    if category is None:
+        if len(categories) > 1:
+            raise ConfigError(f"--from-eval: {source} holds {len(categories)} categories; pick one with --category "
+                              f"({', '.join(categories)})")
+        category = next(iter(categories))
+    if category not in categories:
+        raise ConfigError(f"--category: {category!r} is not in {source} (it has: {', '.join(categories)})")
+    points = categories[category].get("operating_points") or {}
+    point = points.get(f"{fpr:g}")
+    if not isinstance(point, dict) or "threshold" not in point:
+        have = [k for k, v in points.items() if isinstance(v, dict) and "threshold" in v]
+        raise ConfigError(f"--fpr {fpr:g}: {source} has no operating point there for {category} "
+                          f"(it has: {', '.join(have) or 'none: the category needs good and defective images'})")
+    return category, point
+
+
+def calibrate_from_eval(config: DaemonConfig, camera_id: str, eval_path: Path, fpr: float,
+                        category: str | None = None, report: Any = print) -> Path:
+    """Set every class of the camera to the eval's image-level threshold at false-alarm rate `fpr`.
+
+    The eval scored an image by its presence, max over the classes, so one threshold for all
+    classes flags exactly the images the eval counted at that rate. The thresholds are stored
+    as the camera's calibration (the path thresholds_for reads), with where they came from.
+    """
+    camera = config.camera(camera_id)
+    try:
+        document = json.loads(Path(eval_path).read_text())
+    except OSError as error:
+        raise ConfigError(f"--from-eval: cannot read {eval_path} ({error.strerror})") from None
+    except ValueError:
+        raise ConfigError(f"--from-eval: {eval_path} is not JSON (write it with `iseg eval ... --json FILE`)") from None
+    category, point = eval_operating_point(document, fpr, category, str(eval_path))
+    threshold = float(point["threshold"])
+    entry = {"threshold": threshold, "source": "eval", "eval": str(eval_path), "category": category,
+             "target_fpr": fpr, "fpr": point.get("fpr"), "recall": point.get("recall")}
+    path = calibration_file(config, camera.id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    calibration = {"camera": camera.id, "classes": list(camera.classes), "bg_context": camera.bg_context,
+                   "created": time.time(), "per_class": {name: dict(entry) for name in camera.classes}}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(calibration, indent=2))
+    os.replace(tmp, path)
+    evaluated = document["categories"][category].get("classes")
+    if evaluated and list(evaluated) != list(camera.classes):
+        report(f"  note: the eval prompted {', '.join(evaluated)}; camera {camera.id} prompts "
+               f"{', '.join(camera.classes)}: presence scores are comparable only for the same prompt and model")
+    recall = point.get("recall")
+    report(f"  {category} at {100 * fpr:g}% false alarms: threshold {threshold:.4f}"
+           + (f", recall {100 * recall:.1f}%" if isinstance(recall, (int, float)) else "")
+           + f" -> every class of {camera.id}")
+    report(f"calibration written to {path}; restart the workers (or `iseg run`) to use it")
+    return path

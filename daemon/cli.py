@@ -159,6 +159,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     config = _config(args)
     setup_logging("WARNING")
+    if args.from_eval:
+        from daemon.calibration import calibrate_from_eval
+
+        if not 0.0 < args.fpr < 1.0:
+            raise ConfigError(f"--fpr: {args.fpr:g} must be a false-alarm rate between 0 and 1, e.g. 0.01")
+        calibrate_from_eval(config, args.camera, Path(args.from_eval), args.fpr, args.category)
+        return 0
     run_calibration(config, args.camera, args.frames)
     return 0
 
@@ -226,9 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--status", choices=("unreviewed", "confirmed", "false-alarm"))
     review.set_defaults(func=cmd_review)
 
-    calibrate = with_config("calibrate", "learn per-class thresholds from known-good frames")
+    calibrate = with_config("calibrate", "learn per-class thresholds from known-good frames, or take them from "
+                            "an `iseg eval --json` result at a target false-alarm rate")
     calibrate.add_argument("--camera", required=True)
     calibrate.add_argument("--frames", type=int, default=100)
+    calibrate.add_argument("--from-eval", dest="from_eval", metavar="RESULT.json",
+                           help="threshold from this `iseg eval --format mvtec|visa --json` result instead of frames")
+    calibrate.add_argument("--fpr", type=float, default=0.01,
+                           help="with --from-eval: the image-level false-alarm rate whose operating point to use "
+                                "(0.01; the eval has 0.01 and 0.05)")
+    calibrate.add_argument("--category", help="with --from-eval: the eval's category (needed when it has several)")
     calibrate.set_defaults(func=cmd_calibrate)
 
     keys = sub.add_parser("gen-keys", help="write CurveZMQ server and client key pairs")

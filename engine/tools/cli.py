@@ -259,14 +259,31 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """mIoU on a folder of images/, masks/ and classes.txt (pseudo-mask protocol)."""
-    from engine.tools.evaluate import evaluate, format_table
-
+    """mIoU on a masks folder, or the anomaly-detection protocol on an MVTec AD / VisA layout."""
     settings, run = resolve_options(args)
-    segmenter = _load_segmenter(settings, run)
-    report = evaluate(segmenter, Path(args.data), batch_size=run["batch_size"], progress=not args.quiet,
-                      max_pixels=run["max_image_pixels"])
-    print(format_table(report))
+    if args.format == "masks":
+        from engine.tools.evaluate import evaluate, format_table
+
+        if args.category:
+            raise InputError("--category: only for --format mvtec or visa (a masks folder has no categories)")
+        segmenter = _load_segmenter(settings, run)
+        report = evaluate(segmenter, Path(args.data), batch_size=run["batch_size"], progress=not args.quiet,
+                          max_pixels=run["max_image_pixels"])
+        table = format_table(report)
+    else:
+        from engine.tools.anomaly_data import read_anomaly_dataset
+        from engine.tools.anomaly_eval import evaluate_anomaly, format_anomaly_table
+
+        read_anomaly_dataset(Path(args.data), args.format, args.category)
+        classes = _parse_classes(run["classes"]) if run["classes"] else None
+        out_dir = Path(run["out"] or "eval-out")
+        segmenter = _load_segmenter(settings, run)
+        report = evaluate_anomaly(segmenter, Path(args.data), args.format, out_dir, category=args.category,
+                                  classes=classes, batch_size=run["batch_size"], progress=not args.quiet,
+                                  save_maps=bool(run["save_maps"]), max_pixels=run["max_image_pixels"])
+        table = format_anomaly_table(report)
+        print(f"per-image results cached in {out_dir}/cache" + (f", maps in {out_dir}/maps" if run["save_maps"] else ""))
+    print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -342,8 +359,20 @@ def register(subparsers: Any) -> None:
     _add_method_options(segment)
     segment.set_defaults(func=cmd_segment)
 
-    evaluate = subparsers.add_parser("eval", help="mIoU on images/, masks/, classes.txt")
-    evaluate.add_argument("--data", required=True, help="folder with images/, masks/ (indexed PNG, 255 = ignore), classes.txt")
+    evaluate = subparsers.add_parser("eval", help="mIoU on images/, masks/, classes.txt; or image/pixel AUROC, AP, "
+                                     "PRO and operating points on MVTec AD / VisA")
+    evaluate.add_argument("--data", required=True,
+                          help="masks: folder with images/, masks/ (indexed PNG, 255 = ignore), classes.txt; "
+                               "mvtec: the MVTec AD root or one category; visa: the folder holding split_csv/1cls.csv")
+    evaluate.add_argument("--format", choices=("masks", "mvtec", "visa"), default="masks",
+                          help="dataset layout (masks)")
+    evaluate.add_argument("--category", help="mvtec/visa: evaluate only this category (default: all)")
+    evaluate.add_argument("--classes", help="mvtec/visa: comma-separated prompt instead of the defect-type folder "
+                                            "names (underscores as spaces; VisA: defect)")
+    evaluate.add_argument("--out", help="mvtec/visa: folder for the per-image cache (an interrupted run continues "
+                                        "from it) and --save-maps (eval-out)")
+    evaluate.add_argument("--save-maps", dest="save_maps", action="store_true", default=None,
+                          help="mvtec/visa: also write each image's pixel map as OUT/maps/<category>/<key>.png")
     evaluate.add_argument("--json", help="write the report as JSON here")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_method_options(evaluate)

@@ -68,7 +68,8 @@ def iou_from_confusion(matrix: np.ndarray) -> np.ndarray:
         return np.where(union > 0, inter / union, np.nan)
 
 
-def _progress(done: int, total: int, started: float) -> None:
+def print_progress(done: int, total: int, started: float) -> None:
+    """One-line progress bar on stderr: images done, total and rate."""
     width = 30
     filled = int(width * done / total)
     rate = done / max(time.perf_counter() - started, 1e-9)
@@ -114,7 +115,7 @@ def evaluate(segmenter: Any, folder: Path, batch_size: int = 4, progress: bool =
             if len(batch) >= batch_size:
                 flush()
         if progress:
-            _progress(index, len(pairs), started)
+            print_progress(index, len(pairs), started)
     flush()
     iou = iou_from_confusion(matrix)
     names = ["background"] + classes
