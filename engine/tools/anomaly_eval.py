@@ -130,7 +130,7 @@ def evaluate_anomaly(segmenter: Any, data: Path, fmt: str, out_dir: Path, catego
             raise InputError(f"category {name}: two test images share a defect type and file stem; rename one")
         todo = [(s, cache / f"{s.key}.npz") for s in samples if not (cache / f"{s.key}.npz").is_file()]
         done += len(samples) - len(todo)
-        if progress and done:
+        if progress and len(todo) < len(samples):
             print_progress(done, total, started)
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]

@@ -51,9 +51,9 @@ def pro(masks: list[np.ndarray], maps: list[np.ndarray], max_fpr: float = PRO_MA
         per_pixel = np.where(mask, 1.0 / np.maximum(sizes[components], 1.0), 0.0)
         regions += count - 1
         weights_pro.append(per_pixel.ravel())
-        weights_fpr.append((~mask).ravel().astype(np.float64))
-        scores.append(np.asarray(score, dtype=np.float64).ravel())
-    normal = float(sum(w.sum() for w in weights_fpr))
+        weights_fpr.append((~mask).ravel())
+        scores.append(np.asarray(score, dtype=np.float32).ravel())
+    normal = float(sum(int(w.sum()) for w in weights_fpr))
     if regions == 0 or normal == 0:
         return None
     score = np.concatenate(scores)
