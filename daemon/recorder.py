@@ -197,6 +197,12 @@ class Recorder:
         self.log = log
         self.last_flag: dict[str, tuple[str, int]] = {}
         self.last_full_log = 0.0
+        metrics.inc("iseg_recorder_deleted_total", 0)
+        metrics.inc("iseg_recorder_bad_messages_total", 0)
+        for camera in config.cameras:
+            for series in ("iseg_recorder_frames_total", "iseg_recorder_disk_full_total",
+                           "iseg_recorder_write_errors_total", "iseg_recorder_missed_total"):
+                metrics.inc(series, 0, camera=camera.id)
 
     def handle(self, message: Message) -> int | None:
         """Write one flagged frame; None when it was skipped (disk full or write error)."""
