@@ -16,6 +16,16 @@ RULE_TESTS = REPO / "tests" / "prometheus" / "iseg-rules-test.yml"
 DASHBOARD = REPO / "configs" / "grafana" / "iseg-dashboard.json"
 
 
+def readme_metric_table() -> dict[str, tuple[str, set[str]]]:
+    """Metric name -> (type, label names) from the README's metric table."""
+    rows = {}
+    for line in (REPO / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `iseg_") and len(cells) == 4:
+            rows[cells[0].strip("`")] = (cells[1], set(re.findall(r"`([a-z_]+)`", cells[2])))
+    return rows
+
+
 def metric_names(expr: str) -> set[str]:
     """iseg_* metric families an expression reads (a histogram's _bucket/_sum/_count -> its name)."""
     return {re.sub(r"_(bucket|sum|count)$", "", name) for name in re.findall(r"\biseg_[a-z0-9_]+", expr)}

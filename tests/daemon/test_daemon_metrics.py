@@ -14,6 +14,7 @@ from daemon.config import parse_config
 from daemon.metrics import HELP, Registry, parse_labels, quantile_from_histogram, render_prometheus
 from daemon.publisher import Publisher
 from daemon.wire import Message
+from tests.observability_files import readme_metric_table
 
 
 def test_render_counters_gauges_histograms_merged():
@@ -109,17 +110,6 @@ def test_promtool_accepts_every_metric():
     done = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "# TYPE iseg_capture_to_publish_seconds histogram" in text
-
-
-def readme_metric_table() -> dict[str, tuple[str, set[str]]]:
-    """Metric name -> (type, label names) from the README's metric table."""
-    rows = {}
-    for line in (REPO / "README.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| `iseg_") and len(cells) == 4:
-            labels = set(re.findall(r"`([a-z_]+)`", cells[2]))
-            rows[cells[0].strip("`")] = (cells[1], labels)
-    return rows
 
 
 def test_readme_metric_table_lists_every_metric():
