@@ -6,6 +6,7 @@ import logging
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import pytest
 from daemon.config import parse_config
 from daemon.metrics import HELP, Registry, parse_labels, quantile_from_histogram, render_prometheus
 from daemon.publisher import Publisher
+from daemon.role import StopFlag
+from daemon.supervisor import Supervisor
 from daemon.wire import Message
 from tests.observability_files import readme_metric_table
 
@@ -133,3 +136,30 @@ def test_publisher_gap_counters_never_decrease(tmp_path):
     publisher.store.close()
     assert seen == [(0, 0), (2, 0), (2, 1), (2, 2), (2, 2)]
     assert metrics.counter("iseg_publisher_failed_frames_total", camera="cam") == 5
+
+
+class RunningProcess:
+    """Stands in for a live Popen: the supervisor only asks it for pid and poll()."""
+
+    pid = 4242
+
+    def poll(self) -> None:
+        return None
+
+
+def test_supervisor_series_exist_before_any_event(tmp_path):
+    config = parse_config({"state_dir": str(tmp_path), "engine": {"model_dir": "m"}, "worker": {"count": 1},
+                           "cameras": [{"id": "cam", "source": "synthetic"}]})
+    supervisor = Supervisor(config, StopFlag())
+    worker = next(role for role in supervisor.roles if role.role == "worker")
+    gauge = lambda: supervisor.metrics.snapshot()["gauges"]["iseg_worker_ready"]['worker="worker.0"']  # noqa: E731
+    supervisor._update_readiness()
+    assert gauge() == 0, "a worker that has not reported yet is not ready (and the series exists)"
+    worker.proc, worker.heartbeat, worker.heard_at = RunningProcess(), {"state": {"ready": True}}, time.time()
+    supervisor._update_readiness()
+    assert gauge() == 1
+    worker.heard_at = time.time() - config.supervisor.heartbeat_timeout_s - 1
+    supervisor._update_readiness()
+    assert gauge() == 0, "a silent worker is not ready"
+    restarts = supervisor.metrics.snapshot()["counters"]["iseg_role_restarts_total"]
+    assert restarts == {f'role="{role.name}"': 0 for role in supervisor.roles}
