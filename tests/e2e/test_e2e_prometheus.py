@@ -168,6 +168,5 @@ def test_prometheus_scrapes_the_daemon(make_config, start_daemon, tmp_path):
         for key in ("latency_ms_p50", "latency_ms_p99"):
             assert seen[key] == pytest.approx(after[key], rel=1e-6), f"{key}: Prometheus {seen[key]}, /stats {after[key]}"
         assert 0 < seen["latency_ms_p50"] <= seen["latency_ms_p99"] < 60_000
-        assert daemon.terminate() == 0
     finally:
         prometheus.close()
