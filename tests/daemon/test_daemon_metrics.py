@@ -16,7 +16,7 @@ from daemon.metrics import HELP, Registry, parse_labels, quantile_from_histogram
 from daemon.publisher import Publisher
 from daemon.role import StopFlag
 from daemon.supervisor import Supervisor
-from daemon.wire import Message
+from daemon.messages import Result
 from tests.observability_files import readme_metric_table
 
 
@@ -130,7 +130,7 @@ def test_publisher_gap_counters_never_decrease(tmp_path):
     publisher = Publisher(config, metrics, logging.getLogger("test"))
     seen = []
     for seq in (0, 3, 1, 2, 4):  # 1 and 2 arrive late, after 3
-        publisher.handle(Message("result", {"camera": "cam", "seq": seq, "session": "s", "ok": False}, []), None)
+        publisher.handle(Result(camera="cam", seq=seq, ts=time.time(), session="s", roi=[0, 0], worker="w", ok=False), None)
         seen.append((metrics.counter("iseg_publisher_gap_frames_total", camera="cam"),
                      metrics.counter("iseg_publisher_late_frames_total", camera="cam")))
     publisher.store.close()
