@@ -33,8 +33,10 @@ HELP = {
     "iseg_worker_ready": "1 once the worker's model is loaded and every class set's embedding is cached.",
     "iseg_publisher_frames_total": "Frame results published.",
     "iseg_publisher_failed_frames_total": "Frames reported failed by a worker.",
-    "iseg_publisher_gap_frames_total": "Frames skipped in the sequence when a later frame arrived (dropped, lost or late).",
-    "iseg_publisher_late_frames_total": "Frames that arrived after a later one, filling a gap counted before; gap minus late is lost.",
+    "iseg_publisher_gap_frames_total":
+        "Frames skipped in the sequence when a later frame arrived (dropped, lost or late).",
+    "iseg_publisher_late_frames_total":
+        "Frames that arrived after a later one, filling a gap counted before; gap minus late is lost.",
     "iseg_capture_to_publish_seconds": "Seconds from frame capture to its result being published.",
     "iseg_alerts_total": "Alerts raised (after debouncing), persisted and published.",
     "iseg_flagged_frames_total": "Frames with at least one class above its threshold.",

@@ -85,7 +85,8 @@ class Worker:
         self.thresholds = {}
         metrics.inc("iseg_worker_batches_total", 0, worker=name)
         for camera in config.cameras:
-            for series in ("iseg_worker_frames_total", "iseg_worker_failed_frames_total", "iseg_worker_unsent_results_total"):
+            for series in ("iseg_worker_frames_total", "iseg_worker_failed_frames_total",
+                           "iseg_worker_unsent_results_total"):
                 metrics.inc(series, 0, worker=name, camera=camera.id)
             chosen = thresholds_for(config, camera)
             self.thresholds[camera.id] = {name: value for name, (value, _) in chosen.items()}
