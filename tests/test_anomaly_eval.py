@@ -244,7 +244,8 @@ def test_iseg_eval_mvtec_writes_every_key_and_calibrate_takes_its_threshold(tiny
     assert calibrated.returncode == 0, calibrated.stderr
     config = load_config(str(config_path))
     chosen = thresholds_for(config, config.camera("belt1"))
-    assert chosen == {"broken edge": (point["threshold"], "calibration"), "scratch": (point["threshold"], "calibration")}
+    expected = (point["threshold"], "calibration")
+    assert chosen == {"broken edge": expected, "scratch": expected}
 
 
 def test_calibrate_from_eval_refuses_what_it_cannot_use(tmp_path):
@@ -262,3 +263,11 @@ def test_calibrate_from_eval_refuses_what_it_cannot_use(tmp_path):
         calibrate_from_eval(config, "belt1", result, 0.02, "a", report=lambda _: None)
     calibrate_from_eval(config, "belt1", result, 0.01, "b", report=lambda _: None)
     assert {value for value, _ in thresholds_for(config, config.camera("belt1")).values()} == {0.4}
+
+
+def test_iseg_eval_names_a_wrong_layout_in_one_line(tmp_path):
+    make_visa(tmp_path / "visa")
+    done = run_iseg("eval", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "visa"),
+                    "--format", "mvtec", cache_dir=tmp_path / "c", timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "is not in MVTec AD layout" in done.stderr, done.stderr

@@ -72,8 +72,8 @@ def read_mvtec(root: Path, category: str | None = None) -> dict[str, list[Sample
     if category is not None:
         folders = [f for f in folders if f.name == category]
         if not folders:
-            raise InputError(f"--category: {category!r} is not in {root} (known: "
-                             f"{', '.join(p.name for p in sorted(root.iterdir()) if (p / 'test').is_dir()) or root.name})")
+            known = [p.name for p in sorted(root.iterdir()) if (p / "test").is_dir()] or [root.name]
+            raise InputError(f"--category: {category!r} is not in {root} (known: {', '.join(known)})")
     categories = {f.name: _mvtec_category(f) for f in folders}
     for name, samples in categories.items():
         if not samples:

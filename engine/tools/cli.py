@@ -282,7 +282,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   classes=classes, batch_size=run["batch_size"], progress=not args.quiet,
                                   save_maps=bool(run["save_maps"]), max_pixels=run["max_image_pixels"])
         table = format_anomaly_table(report)
-        print(f"per-image results cached in {out_dir}/cache" + (f", maps in {out_dir}/maps" if run["save_maps"] else ""))
+        maps_note = f", maps in {out_dir}/maps" if run["save_maps"] else ""
+        print(f"per-image results cached in {out_dir}/cache{maps_note}")
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
