@@ -35,12 +35,14 @@ def _save(path, array) -> None:
 
 
 def make_mvtec(root, categories=("widget",), good=2, per_defect=1):
-    """<category>/test/{good,<defect>}/NNN.png and ground_truth/<defect>/NNN_mask.png."""
+    """<category>/test/{good,<defect>}/NNN.png and ground_truth/<defect>/NNN_mask.png; the first good
+    image is grayscale, as whole MVTec categories (grid, screw, zipper) are."""
     seed = 0
     for category in categories:
         for index in range(good):
             seed += 1
-            _save(root / category / "test" / "good" / f"{index:03d}.png", _texture(seed))
+            image = _texture(seed)
+            _save(root / category / "test" / "good" / f"{index:03d}.png", image[..., 0] if index == 0 else image)
         for defect, (r0, r1, c0, c1) in DEFECTS.items():
             for index in range(per_defect):
                 seed += 1
@@ -181,7 +183,7 @@ class DarkBoxSegmenter:
         self.frames += len(frames)
         results = []
         for frame in frames:
-            dark = 1.0 - frame.mean(axis=2).astype(np.float32) / 255.0
+            dark = 1.0 - (frame if frame.ndim == 2 else frame.mean(axis=2)).astype(np.float32) / 255.0
             maps = np.stack([dark] * len(class_set.classes))
             labels = (dark > 0.5).astype(np.uint8)
             results.append(SegmentResult(class_set.classes, labels, maps,
