@@ -273,3 +273,11 @@ def test_iseg_eval_names_a_wrong_layout_in_one_line(tmp_path):
                     "--format", "mvtec", cache_dir=tmp_path / "c", timeout=120)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and "is not in MVTec AD layout" in done.stderr, done.stderr
+
+
+def test_iseg_eval_masks_refuses_the_anomaly_only_options(tmp_path):
+    done = run_iseg("eval", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path), "--save-maps",
+                    cache_dir=tmp_path / "c", timeout=120)
+    assert done.returncode == 1
+    assert done.stderr == "error: --save-maps: only for --format mvtec or visa (a masks folder's classes.txt " \
+                          "names the classes and nothing is written but the report)\n"

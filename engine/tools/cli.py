@@ -264,8 +264,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.format == "masks":
         from engine.tools.evaluate import evaluate, format_table
 
-        if args.category:
-            raise InputError("--category: only for --format mvtec or visa (a masks folder has no categories)")
+        given = [f"--{name.replace('_', '-')}" for name in ("category", "classes", "out", "save_maps")
+                 if getattr(args, name)]
+        if given:
+            raise InputError(f"{given[0]}: only for --format mvtec or visa (a masks folder's classes.txt names "
+                             "the classes and nothing is written but the report)")
         segmenter = _load_segmenter(settings, run)
         report = evaluate(segmenter, Path(args.data), batch_size=run["batch_size"], progress=not args.quiet,
                           max_pixels=run["max_image_pixels"])
