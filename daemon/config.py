@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+import pydantic
 import yaml
 
+from daemon.console.config import ConsoleConfig
 from engine.errors import EngineError
 from engine.settings import DEFAULT_BG_CONTEXT, IsegSettings
 
@@ -112,6 +114,7 @@ class RecorderConfig:
     min_free_mb: float = 1024.0
     retention_check_s: float = 30.0
     jpeg_quality: int = 85
+    context_frames: int = 2
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ class DaemonConfig:
     sockets: SocketConfig = field(default_factory=SocketConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     path: str = ""
 
@@ -294,6 +298,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(message if message.startswith(where) else f"{where}.{message}") from None
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
+    if isinstance(tp, type) and issubclass(tp, pydantic.BaseModel):
+        try:
+            return tp.model_validate(value if value is not None else {})
+        except pydantic.ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(part) for part in first["loc"])
+            raise ConfigError(f"{where}{'.' + key if key else ''}: {first['msg'].removeprefix('Value error, ')}") from None
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} must be one of {', '.join(map(str, args))}")
@@ -411,6 +422,8 @@ def _check(config: DaemonConfig) -> None:
     r = config.recorder
     if r.retention_days <= 0 or r.min_free_mb < 0 or not 1 <= r.jpeg_quality <= 100:
         raise ConfigError("recorder: retention_days > 0, min_free_mb >= 0 and jpeg_quality in 1..100 are required")
+    if not 0 <= r.context_frames <= 9:
+        raise ConfigError(f"recorder.context_frames: {r.context_frames} must be between 0 and 9")
     c = config.calibration
     if not 0.0 < c.quantile <= 1.0:
         raise ConfigError(f"calibration.quantile: {c.quantile} must be in (0, 1]")

@@ -88,7 +88,7 @@ class Publisher:
         published_ts = now()
         latency_ms = (published_ts - float(h["ts"])) * 1000
         base = {"camera": camera, "seq": seq, "capture_ts": h["ts"], "published_ts": published_ts,
-                "latency_ms": latency_ms, "worker": h.get("worker"), "infer_ms": h.get("infer_ms")}
+                "latency_ms": latency_ms, "worker": h.get("worker"), "infer_ms": h.get("infer_ms"), "model": h.get("model")}
         alert_ids = []
         for name in self.debouncer.update(camera, classes, flagged, float(h["ts"])):
             alert = {**base, "class": name, "classes": {
@@ -100,7 +100,7 @@ class Publisher:
             self.metrics.inc("iseg_alerts_total", camera=camera, **{"class": name})
             self.log.info("ALERT %d camera %s class %s presence %.3f > %.3f (frame %d, %.0f ms after capture)",
                           alert["id"], camera, name, presence[name], h["thresholds"][name], seq, latency_ms)
-        common = {**base, "flagged": flagged, "presence": presence}
+        common = {**base, "flagged": flagged, "presence": presence, "thresholds": h["thresholds"]}
         send(pub, f"overlay.{camera}", {**common, "format": "jpeg"}, [overlay])
         send(pub, f"mask.{camera}", {**common, "format": "png", "classes": classes}, [mask_png])
         if flagged:

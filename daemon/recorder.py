@@ -25,11 +25,12 @@ import zmq
 
 from daemon.config import DaemonConfig
 from daemon.metrics import Registry
+from daemon.recording_context import ContextFrames, config_version
 from daemon.render import encode_png
 from daemon.role import Heartbeat, StopFlag
 from daemon.wire import Message, WireError, array_from, recv
 
-STATUSES = ("unreviewed", "confirmed", "false-alarm")
+STATUSES = ("unreviewed", "confirmed", "false-alarm", "unsure")
 FILES = ("original.png", "mask.png", "overlay.jpg", "meta.json")
 
 
@@ -178,6 +179,10 @@ class RecordingStore:
                                      (status, time.time(), recording_id))
         return cursor.rowcount == 1
 
+    def path_of(self, recording_id: int) -> str:
+        """A recording's folder relative to the recordings root."""
+        return self.db.execute("SELECT path FROM recordings WHERE id = ?", (recording_id,)).fetchone()[0]
+
     def count(self) -> int:
         """Number of indexed recordings."""
         return int(self.db.execute("SELECT COUNT(*) FROM recordings").fetchone()[0])
@@ -195,6 +200,8 @@ class Recorder:
         self.store = store
         self.metrics = metrics
         self.log = log
+        self.context = ContextFrames(config.recorder.context_frames, config.recorder.context_frames, config.alerts.n)
+        self.config_version = config_version(config.path)
         self.last_flag: dict[str, tuple[str, int]] = {}
         self.last_full_log = 0.0
 
@@ -205,7 +212,9 @@ class Recorder:
         self._count_missed(camera, str(h.get("publisher_session")), int(h.get("flag_seq", 0)))
         frame = array_from(message.payloads[0], h["frame"]["shape"], h["frame"]["dtype"])
         files = {"original.png": encode_png(frame, rgb=True), "mask.png": bytes(message.payloads[1]),
-                 "overlay.jpg": bytes(message.payloads[2])}
+                 "overlay.jpg": bytes(message.payloads[2]), **self.context.before_files(camera, int(h["seq"]))}
+        h = {**h, "window": self.context.window(camera, int(h["seq"]), self.config.alerts.k),
+             "config_version": self.config_version}
         needed_mb = sum(len(d) for d in files.values()) / 1e6
         cfg = self.config.recorder
         try:
@@ -230,7 +239,15 @@ class Recorder:
             self.log.error("recording index update for %s/%s failed: %s", camera, h["seq"], err)
             return None
         self.metrics.inc("iseg_recorder_frames_total", camera=camera)
+        self.context.expect_after(camera, int(h["seq"]), self.store.root / self.store.path_of(recording_id))
         return recording_id
+
+    def dispatch(self, message: Message) -> None:
+        """An overlay feeds the context frames; a flagged frame becomes a recording."""
+        if message.topic.startswith("overlay."):
+            self.context.overlay(message.header, bytes(message.payloads[0]))
+        else:
+            self.handle(message)
 
     def _count_missed(self, camera: str, session: str, flag_seq: int) -> None:
         """Flagged frames the PUB socket dropped before we read them (we were too slow)."""
@@ -263,6 +280,7 @@ def run_recorder(config: DaemonConfig, stop: StopFlag) -> int:
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 1000)
     sub.setsockopt(zmq.SUBSCRIBE, b"flagged.")
+    sub.setsockopt(zmq.SUBSCRIBE, b"overlay.")
     sub.connect(config.endpoint("publish"))
     log.info("recording flagged frames under %s (retention %g days, min free %g MB)",
              store.root, config.recorder.retention_days, config.recorder.min_free_mb)
@@ -283,7 +301,7 @@ def run_recorder(config: DaemonConfig, stop: StopFlag) -> int:
             if not sub.poll(200):
                 continue
             try:
-                recorder.handle(recv(sub))
+                recorder.dispatch(recv(sub))
             except (WireError, KeyError, TypeError, ValueError, IndexError) as err:
                 metrics.inc("iseg_recorder_bad_messages_total")
                 log.warning("rejected a malformed flagged-frame message: %s", err)
