@@ -66,7 +66,7 @@ export async function render(root, deepId, me) {
       el("table", {}, el("thead", {}, el("tr", {}, ["Class", "Presence", "Threshold", "Mask area"].map((h) => el("th", {}, h)))),
         el("tbody", {}, w.classes.map((c) => el("tr", { class: c.flagged ? "flagged" : "" },
           el("td", {}, c.class), el("td", {}, score(c.presence)), el("td", {}, score(c.threshold)),
-          el("td", {}, c.area_px === null || c.area_px === undefined ? "–" : `${c.area_px} px (${(100 * c.area_frac).toFixed(1)} %)`))))),
+          el("td", { title: c.area_px == null ? "" : `${c.area_px} px` }, c.area_px == null ? "–" : `${(100 * c.area_frac).toFixed(1)} %`))))),
       el("p", {}, `Alert rule: ${w.window.k} of the last ${w.window.n} frames`),
       w.window.frames.length ? el("p", { class: "window" }, "Window: ", w.window.frames.map((f) =>
         el("span", { class: `tick${f.flagged.length ? " on" : ""}`, title: `seq ${f.seq}: ${f.flagged.join(", ") || "clear"}` }, f.flagged.length ? "■" : "□"))) : "",
