@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
 
 
 class ConsoleConfig(BaseModel):
     """Where the console listens, who may log in, and how long a session lasts."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    enabled: bool = False
-    listen: str = "127.0.0.1:8080"
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    users_file: str = "console-users.json"
+    enabled: StrictBool = False
+    listen: StrictStr = "127.0.0.1:8080"
+    tls_cert: StrictStr | None = None
+    tls_key: StrictStr | None = None
+    users_file: Annotated[StrictStr, Field(min_length=1)] = "console-users.json"
     anonymous_role: Literal["viewer"] | None = None
-    session_hours: float = Field(default=12.0, gt=0)
-    login_attempts_per_minute: int = Field(default=5, ge=1)
-    stats_url: str | None = None
+    session_hours: Annotated[StrictFloat | StrictInt, Field(gt=0, le=24 * 365)] = 12.0
+    login_attempts_per_minute: Annotated[StrictInt, Field(ge=1, le=1000)] = 5
+    stats_url: StrictStr | None = None
 
     @field_validator("listen")
     @classmethod
