@@ -8,6 +8,7 @@ the module's tmp folder (printed at the end)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import urllib.error
@@ -50,6 +51,8 @@ class Console:
                 return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read(2000)
         except urllib.error.HTTPError as err:
             return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+        except (urllib.error.URLError, ConnectionError):
+            return 0, {}, b""
 
 
 @pytest.fixture(scope="module")
@@ -331,3 +334,40 @@ def test_bad_input_token_login_limit_and_metrics(console):
         time.sleep(0.5)
     assert 'iseg_console_logins_total{result="limited"}' in metrics
     assert "iseg_console_requests_total" in metrics and 'iseg_role_up{role="console"} 1' in metrics
+
+
+def test_console_alone_with_a_corrupt_users_file_starts_and_refuses_logins(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    port = free_port()
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "console-users.json").write_text('{"users": {"x": {"role": "king"}}}')
+    config = tmp_path / "split.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "engine": {"model_dir": str(tmp_path)},
+                                      "cameras": [{"id": "belt1", "source": "synthetic"}],
+                                      "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+                                      "console": {"enabled": True, "listen": f"127.0.0.1:{port}"}}))
+    log = tmp_path / "console.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "console", "--config", str(config)], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        site = Console(None, config, f"http://127.0.0.1:{port}", tmp_path)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 30
+        while (status := site.request("GET", "/login")[0]) != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        for _ in range(2):
+            status, _, body = site.request("POST", "/api/login", b'{"user": "x", "password": "whatever1"}',
+                                           {"Content-Type": "application/json"})
+            assert status == 401 and b"no users" in body
+        assert site.request("GET", "/api/cameras")[0] == 401
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0, log.read_text()
+    refused = [line for line in log.read_text().splitlines() if "logins refused" in line]
+    assert len(refused) == 1 and "not a users file" in refused[0], log.read_text()
