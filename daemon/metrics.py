@@ -38,6 +38,17 @@ HELP = {
     "iseg_recorder_missed_total": "Flagged frames the recorder never received (subscriber lag).",
     "iseg_role_up": "1 while the role's process runs and its heartbeat is fresh.",
     "iseg_role_restarts_total": "Times the supervisor restarted a role.",
+    "iseg_console_requests_total": "HTTP requests the console answered, by status code.",
+    "iseg_console_request_seconds": "Seconds the console took per request (live streams and events excluded).",
+    "iseg_console_logins_total": "Console login attempts, by result (ok, failed, limited).",
+    "iseg_console_live_viewers": "Live MJPEG streams open on the console.",
+    "iseg_console_event_clients": "Server-sent event streams open on the console.",
+    "iseg_console_frames_received_total": "Overlays the console received from the publisher (it keeps the newest).",
+    "iseg_console_live_frames_sent_total": "Overlays the console sent to live viewers.",
+    "iseg_console_alerts_pushed_total": "Alerts the console pushed to its event streams.",
+    "iseg_console_acks_total": "Alerts acknowledged in the console.",
+    "iseg_console_verdicts_total": "Recording verdicts made in the console, by verdict.",
+    "iseg_console_bad_messages_total": "Malformed overlay messages the console skipped.",
 }
 
 

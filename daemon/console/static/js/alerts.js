@@ -73,6 +73,14 @@ export async function render(root, _arg, me) {
   onEvent("alert", (alert) => {
     if (!matches(alert) || filters().get("state") === "acked") return;
     if (!body.querySelector(`tr[data-id="${alert.id}"]`)) body.prepend(row(alert, true));
+    if (!alert.recording_id) {
+      // The recorder indexes the frame a moment after the alert is stored: fetch the link then.
+      setTimeout(async () => {
+        const { alerts } = await api(`/api/alerts?since=${alert.id - 1}&limit=1`);
+        const tr = body.querySelector(`tr[data-id="${alert.id}"]`);
+        if (alerts.length && alerts[0].recording_id && tr) tr.replaceWith(row(alerts[0], tr.classList.contains("fresh")));
+      }, 3000);
+    }
   });
   onEvent("ack", (ack) => {
     const tr = body.querySelector(`tr[data-id="${ack.id}"]`);
