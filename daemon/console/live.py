@@ -22,7 +22,7 @@ import zmq.asyncio
 
 from daemon.config import DaemonConfig
 from daemon.metrics import Registry
-from daemon.wire import WireError, decode
+from daemon.messages import Boundary, Picture, Rejected, Rejections
 
 STATUSES = ("live", "stalled", "reconnecting", "offline")
 
@@ -68,6 +68,8 @@ class LiveFeed:
         self.stats: dict[str, Any] = {}
         self.stats_error = ""
         self.ctx: zmq.asyncio.Context | None = None
+        self.boundary = Boundary.from_config(config)
+        self.rejections = Rejections(metrics, "console", log)
 
     # -- frames ----------------------------------------------------------------------------
 
@@ -82,31 +84,26 @@ class LiveFeed:
         sub.connect(self.config.endpoint("publish"))
         try:
             while True:
-                frames = await sub.recv_multipart()
+                frames = await sub.recv_multipart(copy=False)
                 try:
-                    self.accept(decode(frames))
-                except (WireError, KeyError, TypeError, ValueError) as err:
-                    self.metrics.inc("iseg_console_bad_messages_total")
-                    self.log.warning("skipped a malformed overlay message: %s", err)
+                    self.accept(self.boundary.picture(frames))
+                except Rejected as err:
+                    self.rejections.count("publish", err)
         finally:
             sub.close()
             self.ctx.term()
 
-    def accept(self, message: Any) -> None:
-        """Keep one overlay (or mask) message as its camera's newest and wake the waiting streams."""
-        h = message.header
-        camera = str(h["camera"])
-        state = self.cameras.get(camera)
-        if state is None or not message.payloads:
-            return
-        if message.topic.startswith("mask."):
-            self.masks[camera] = bytes(message.payloads[0])
+    def accept(self, picture: Picture) -> None:
+        """Keep one checked overlay (or mask) as its camera's newest and wake the waiting streams."""
+        camera = picture.camera
+        state = self.cameras[camera]
+        if picture.kind == "mask":
+            self.masks[camera] = picture.image
             return
         self.received += 1
         now = time.time()
-        self.frames[camera] = LiveFrame(self.received, camera, int(h["seq"]), float(h["capture_ts"]), now,
-                                        bytes(message.payloads[0]), dict(h.get("presence", {})),
-                                        list(h.get("flagged", [])), dict(h.get("thresholds") or {}))
+        self.frames[camera] = LiveFrame(self.received, camera, picture.seq, picture.capture_ts, now, picture.image,
+                                        picture.presence, list(picture.flagged), picture.thresholds)
         state.arrivals.append(now)
         self.metrics.inc("iseg_console_frames_received_total", camera=camera)
         waiting, self.changed = self.changed, asyncio.Event()
