@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from daemon.metrics import Registry
 from daemon.recorder import Recorder, RecordingStore
 from daemon.recording_context import ContextFrames
 from daemon.render import encode_jpeg, encode_png
-from daemon.wire import Message, array_header
+from daemon.messages import Boundary, Rejected
+from daemon.wire import array_header
 
 ORIGIN = {"origin": "http://testserver"}
 
@@ -290,21 +292,27 @@ def test_context_frames_before_after_and_window(tmp_path):
 
 def test_recorder_writes_context_frames_into_the_recording(tmp_path):
     config = parse_config({"state_dir": str(tmp_path), "engine": {"model_dir": "m"}, "recorder": {"min_free_mb": 0},
-                           "cameras": [{"id": "cam", "source": "synthetic"}]})
+                           "cameras": [{"id": "cam", "source": "synthetic", "classes": ["scratch", "dent"]}]})
     store = RecordingStore(tmp_path)
     recorder = Recorder(config, store, Registry(), logging.getLogger("t"))
+    boundary = Boundary.from_config(config)
     frame = np.zeros((16, 16, 3), np.uint8)
     jpeg = encode_jpeg(frame)
+    now = time.time()
     for seq in range(5):
-        recorder.dispatch(Message("overlay.cam", overlay_header(seq, ["scratch"]), [memoryview(jpeg)]))
+        header = {"camera": "cam", "seq": seq, "capture_ts": now + seq, "flagged": ["scratch"],
+                  "presence": {"scratch": 0.9, "dent": 0.1}, "thresholds": {"scratch": 0.5, "dent": 0.5}}
+        recorder.overlay(boundary.picture([b"overlay.cam", json.dumps(header).encode(), jpeg]))
         if seq == 2:
-            header = {**overlay_header(2, ["scratch"]), "presence": {"scratch": 0.9}, "frame": array_header(frame),
-                      "publisher_session": "p", "flag_seq": 1}
-            recorder.dispatch(Message("flagged.cam", header, [memoryview(frame.tobytes()),
-                                                               memoryview(encode_png(frame[..., 0])), memoryview(jpeg)]))
+            meta = {**header, "frame": array_header(frame), "publisher_session": "p", "flag_seq": 1, "alert_ids": []}
+            recorder.handle(boundary.flagged([b"flagged.cam", json.dumps(meta).encode(), frame.tobytes(),
+                                              encode_png(frame[..., 0]), jpeg]))
     record = store.get(1)
     names = sorted(p.name for p in Path(record["folder"]).iterdir())
     assert names == ["after-1.jpg", "after-2.jpg", "before-1.jpg", "before-2.jpg", "mask.png", "meta.json",
                      "original.png", "overlay.jpg"]
     assert record["meta"]["window"]["frames"][-1] == {"seq": 2, "flagged": ["scratch"]}
     assert record["meta"]["config_version"] == "", "built from a mapping: no file to hash"
+    with pytest.raises(Rejected):
+        boundary.picture([b"overlay.cam", json.dumps({"camera": "cam", "seq": 1, "capture_ts": now,
+                                                      "flagged": ["rust"]}).encode(), jpeg])
