@@ -354,8 +354,9 @@ class Boundary:
             if type(value) is not dict or any(k not in classes for k in value):
                 raise Rejected("class", f"{key} must map this camera's classes to scores")
             scores[key] = {k: _float(v, 0.0, 1.0, f"{key}.{k}") for k, v in value.items()}
-        if len(payloads[0]) > MAX_FRAME_PIXELS:
-            raise Rejected("size", f"{kind} image of {len(payloads[0])} bytes")
+        if len(payloads[0]) > 3 * self.max_pixels:
+            raise Rejected("size", f"{kind} image of {len(payloads[0])} bytes is more than raw RGB at "
+                                   "limits.max_image_pixels")
         return Picture(kind, camera, _int(_field(h, "seq", "picture"), 0, MAX_SEQ, "seq"),
                        _ts(_field(h, "capture_ts", "picture"), "capture_ts"), tuple(flagged), scores["presence"],
                        scores["thresholds"], bytes(payloads[0]))
