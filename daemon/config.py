@@ -23,6 +23,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       StrictStr, TypeAdapter, ValidationError, WithJsonSchema, field_validator, model_validator)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from daemon.console.config import ConsoleConfig
 from engine import DEFAULT_BG_CONTEXT, DtypeName, EngineError, IsegSettings
 
 MAX_CONFIG_BYTES = 1_000_000
@@ -252,6 +253,7 @@ class RecorderConfig(Section):
     keep_recent_h: Annotated[StrictFloat, Field(ge=0, le=87_600)] = 24.0
     delete_confirmed: StrictBool = False
     jpeg_quality: Annotated[StrictInt, Field(ge=1, le=100)] = 85
+    context_frames: Annotated[StrictInt, Field(ge=0, le=9)] = 2
 
 
 class CalibrationConfig(Section):
@@ -362,6 +364,7 @@ class DaemonConfig(Section):
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     limits: LimitsConfig = LimitsConfig()
+    console: ConsoleConfig = ConsoleConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _path: str = PrivateAttr("")

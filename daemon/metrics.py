@@ -58,6 +58,16 @@ HELP = {
     "iseg_sink_retries_total": "Delivery attempts a sink retried.",
     "iseg_sink_failures_total": "Delivery attempts that failed.",
     "iseg_sink_lag_seconds": "Age of the oldest alert a sink has not delivered yet (0 when caught up).",
+    "iseg_console_requests_total": "HTTP requests the console answered, by status code.",
+    "iseg_console_request_seconds": "Seconds the console took per request (live streams and events excluded).",
+    "iseg_console_logins_total": "Console login attempts, by result (ok, failed, limited).",
+    "iseg_console_live_viewers": "Live MJPEG streams open on the console.",
+    "iseg_console_event_clients": "Server-sent event streams open on the console.",
+    "iseg_console_frames_received_total": "Overlays the console received from the publisher (it keeps the newest).",
+    "iseg_console_live_frames_sent_total": "Overlays the console sent to live viewers.",
+    "iseg_console_alerts_pushed_total": "Alerts the console pushed to its event streams.",
+    "iseg_console_acks_total": "Alerts acknowledged in the console.",
+    "iseg_console_verdicts_total": "Recording verdicts made in the console, by verdict.",
 }
 
 

@@ -125,7 +125,7 @@ class Publisher:
         published_ts = now()
         latency_ms = (published_ts - result.ts) * 1000
         base = {"camera": camera, "seq": seq, "capture_ts": result.ts, "published_ts": published_ts,
-                "latency_ms": latency_ms, "worker": result.worker, "infer_ms": result.infer_ms}
+                "latency_ms": latency_ms, "worker": result.worker, "infer_ms": result.infer_ms, "model": result.model}
         alert_ids = []
         for name in self.debouncer.update(camera, classes, flagged, result.ts):
             alert = {**base, "class": name, "classes": {
@@ -138,7 +138,7 @@ class Publisher:
             self.log.info("ALERT %d camera %s class %s presence %.3f > %.3f (frame %d, %.0f ms after capture)",
                           alert["id"], camera, name, presence[name], thresholds[name], seq, latency_ms)
         self.save_state()
-        common = {**base, "flagged": flagged, "presence": presence}
+        common = {**base, "flagged": flagged, "presence": presence, "thresholds": thresholds}
         send(pub, f"overlay.{camera}", {**common, "format": "jpeg"}, [overlay])
         send(pub, f"mask.{camera}", {**common, "format": "png", "classes": classes}, [mask_png])
         if flagged:

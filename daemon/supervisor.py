@@ -44,8 +44,8 @@ from daemon.role import EX_CONFIG, StopFlag
 from daemon.sdnotify import Notifier
 from daemon.state_lock import ENV_FD, acquire
 
-STOP_ORDER = ("capture", "worker", "publisher", "recorder")
-START_ORDER = ("publisher", "recorder", "worker", "capture")
+STOP_ORDER = ("capture", "worker", "publisher", "recorder", "console")
+START_ORDER = ("publisher", "recorder", "console", "worker", "capture")
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -102,6 +102,8 @@ class Supervisor:
         self.roles: list[RoleProcess] = [RoleProcess("publisher", "publisher", base + ["publish"] + config_arg)]
         if config.recorder.enabled:
             self.roles.append(RoleProcess("recorder", "recorder", base + ["record"] + config_arg))
+        if config.console.enabled:
+            self.roles.append(RoleProcess("console", "console", base + ["console"] + config_arg))
         for i in range(config.worker.count):
             self.roles.append(RoleProcess(f"worker.{i}", "worker", base + ["worker", "--name", f"worker.{i}"] + config_arg))
         for camera in config.cameras:
@@ -345,6 +347,8 @@ class Supervisor:
                  f"  publish:   {c.endpoint('publish')}   (topics overlay.<camera> mask.<camera> alert.<camera> stats)",
                  f"  replay:    {c.endpoint('replay')}",
                  *(f"  frames:    {c.endpoint('frames', cam.id)}   (camera {cam.id}: {cam.source_kind})" for cam in c.cameras),
+                 *([f"  console:   {'https' if c.console.tls else 'http'}://{c.console.listen}/   "
+                    f"(users: iseg users add NAME --role operator --config {c.path})"] if c.console.enabled else []),
                  f"  state dir: {c.state_path}",
                  f"  watch alerts:  iseg subscribe --config {c.path} --topic alert.",
                  f"  review frames: iseg review list --config {c.path}"]

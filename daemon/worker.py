@@ -159,6 +159,7 @@ class Worker:
         """Header and payloads of one result for the publisher."""
         header = {key: pending.header.get(key) for key in ("camera", "seq", "ts", "session", "roi")}
         header["worker"] = self.name
+        header["model"] = self.segmenter.fingerprint
         header["done_ts"] = now()
         if result is None:
             header.update(ok=False, error=error)
