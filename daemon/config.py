@@ -20,6 +20,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from daemon.sinks.config import SinkConfigError, SinkList, check_sinks, parse_sinks
 from engine.errors import EngineError
 from engine.settings import DEFAULT_BG_CONTEXT, IsegSettings
 
@@ -186,6 +187,7 @@ class DaemonConfig:
     sockets: SocketConfig = field(default_factory=SocketConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    sinks: SinkList = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     path: str = ""
 
@@ -277,6 +279,11 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check and convert one YAML value to the annotated type; ConfigError names `where`."""
+    if tp == SinkList:
+        try:
+            return parse_sinks(value, where)
+        except SinkConfigError as err:
+            raise ConfigError(str(err)) from None
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -336,7 +343,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
     prefix = f"{where}." if where else ""
     for key in data:
@@ -435,6 +442,10 @@ def _check(config: DaemonConfig) -> None:
     sup = config.supervisor
     if sup.max_restarts < 0 or sup.restart_window_s <= 0 or sup.heartbeat_timeout_s <= 0 or sup.stop_timeout_s <= 0:
         raise ConfigError("supervisor: max_restarts >= 0 and positive restart_window_s, heartbeat_timeout_s, stop_timeout_s are required")
+    try:
+        check_sinks(config.sinks, [c.id for c in config.cameras])
+    except SinkConfigError as err:
+        raise ConfigError(str(err)) from None
 
 
 def parse_config(data: Any, path: str = "") -> DaemonConfig:

@@ -36,6 +36,12 @@ HELP = {
     "iseg_recorder_write_errors_total": "Flagged frames whose write failed.",
     "iseg_recorder_deleted_total": "Recordings deleted by retention.",
     "iseg_recorder_missed_total": "Flagged frames the recorder never received (subscriber lag).",
+    "iseg_sink_state": "1 for the sink's current state (ok, degraded, down), 0 for the others.",
+    "iseg_sink_delivered_total": "Alerts a sink's receiver acknowledged.",
+    "iseg_sink_retries_total": "Delivery attempts that repeated an alert after a failure.",
+    "iseg_sink_failures_total": "Failed delivery attempts (including alerts dead-lettered).",
+    "iseg_sink_lag_seconds": "Age of the oldest alert a sink has not delivered yet (0 when caught up).",
+    "iseg_sink_dead_letters": "Alerts a receiver refused for good, kept for `iseg sinks resend`.",
     "iseg_role_up": "1 while the role's process runs and its heartbeat is fresh.",
     "iseg_role_restarts_total": "Times the supervisor restarted a role.",
 }

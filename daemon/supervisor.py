@@ -33,10 +33,11 @@ from daemon.metrics import Registry, merge, parse_labels, quantile_from_histogra
 from daemon.model_setup import ensure_model
 from daemon.role import EX_CONFIG, StopFlag
 from daemon.sdnotify import Notifier
+from daemon.sinks.status import sink_stats
 from daemon.wire import WireError, recv
 
-STOP_ORDER = ("capture", "worker", "publisher", "recorder")
-START_ORDER = ("publisher", "recorder", "worker", "capture")
+STOP_ORDER = ("capture", "worker", "publisher", "recorder", "sinks")
+START_ORDER = ("publisher", "recorder", "sinks", "worker", "capture")
 
 
 @dataclass
@@ -84,6 +85,8 @@ class Supervisor:
         self.roles: list[RoleProcess] = [RoleProcess("publisher", "publisher", base + ["publish"] + config_arg)]
         if config.recorder.enabled:
             self.roles.append(RoleProcess("recorder", "recorder", base + ["record"] + config_arg))
+        if config.sinks:
+            self.roles.append(RoleProcess("sinks", "sinks", base + ["sinks"] + config_arg))
         for i in range(config.worker.count):
             self.roles.append(RoleProcess(f"worker.{i}", "worker", base + ["worker", "--name", f"worker.{i}"] + config_arg))
         for camera in config.cameras:
@@ -249,15 +252,18 @@ class Supervisor:
             roles[role.name] = {"pid": role.pid, "up": self._fresh(role, now), "restarts": role.restart_total,
                                 "heartbeat_age_s": round(now - role.heard_at, 2) if role.heard_at else None,
                                 "busy_since": hb.get("busy_since"), "state": hb.get("state", {})}
+        sinks = sink_stats(merged, [r.heartbeat for r in self.roles if r.role == "sinks"], self.config.sinks)
         return {"ready": self.ready, "failed": self.failed, "state_dir": str(self.config.state_path),
-                "roles": roles, "cameras": cameras, "ts": now}
+                "roles": roles, "cameras": cameras, "sinks": sinks, "ts": now}
 
     def respond(self, path: str) -> tuple[int, str, bytes]:
         """Answer one HTTP path."""
         now = time.time()
         if path == "/healthz":
             healthy = not self.failed and (self.phase != "running" or now - self.last_loop < 5.0)
-            return json_body(200 if healthy else 503, {"healthy": healthy, "phase": self.phase, "failed": self.failed})
+            sinks = {name: info["state"] for name, info in self.stats()["sinks"].items()}
+            return json_body(200 if healthy else 503, {"healthy": healthy, "phase": self.phase, "failed": self.failed,
+                                                       "sinks": sinks})
         if path == "/readyz":
             stale = [r.name for r in self.roles if not self._fresh(r, now)]
             ok = self.ready and not stale and not self.failed
