@@ -57,6 +57,9 @@ class SinkRunner:
         self.failed: BaseException | None = None
         self.thread = threading.Thread(target=self._main, name=f"sink-{self.name}", daemon=True)
         self._publish_state("down")
+        for counter in ("iseg_sink_delivered_total", "iseg_sink_retries_total", "iseg_sink_failures_total"):
+            metrics.inc(counter, 0, sink=self.name)
+        metrics.set("iseg_sink_lag_seconds", 0, sink=self.name)
 
     # -- state -------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import shutil
 import signal
@@ -51,7 +52,8 @@ class Broker:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        lines = [f"listener {self.port} 127.0.0.1", "persistence true", f"persistence_location {folder}/",
+        # `user`: started as root, mosquitto would drop to user mosquitto and fail to write its files here.
+        lines = [f"listener {self.port} 127.0.0.1", f"user {getpass.getuser()}", "persistence true", f"persistence_location {folder}/",
                  f"log_dest file {folder}/mosquitto.log", "log_type error", "log_type warning", "log_type notice"]
         if users:
             password_file = folder / "passwords"
