@@ -83,8 +83,9 @@ class SinkRunner:
             self.log.warning("sink %s degraded: %s; retrying with backoff (up to %gs)", self.name, error,
                              self.config.retry_max_s)
         elif state == "down":
-            self.log.error("sink %s down: %s; alerts wait in the store, next try within %gs", self.name, error,
-                           self.config.breaker_open_s)
+            retry = (f"probing again every {self.config.breaker_open_s:g}s" if self.breaker_until
+                     else "reconnecting in the background")
+            self.log.error("sink %s down: %s; alerts wait in the store, %s", self.name, error, retry)
         if store is not None:
             store.record_state(self.name, state, self.last_error)
 
@@ -137,9 +138,13 @@ class SinkRunner:
                 self.stop.wait(self.config.breaker_open_s)
 
     def _loop(self, store: CursorStore, reader: AlertReader) -> None:
+        known = store.status(self.name) is not None
         cursor = store.cursor(self.name, start_at=reader.last_id())
-        if cursor.alert_id:
+        if known:
             self.log.info("sink %s resumes after alert %d", self.name, cursor.alert_id)
+        elif cursor.alert_id:
+            self.log.info("sink %s is new: it starts after alert %d (iseg sinks resend --from ID sends older ones)",
+                          self.name, cursor.alert_id)
         self.cursor_id = cursor.alert_id
         self.dead_letters = store.dead_letter_count(self.name)
         self.metrics.set("iseg_sink_dead_letters", self.dead_letters, sink=self.name)
