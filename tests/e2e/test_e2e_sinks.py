@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from conftest import REPO, iseg
 from daemon.alerts import AlertStore
@@ -57,6 +58,32 @@ class AlertFeed:
         self._stop.set()
         self.thread.join(5)
         return self.ids
+
+
+class ResultTimes:
+    """Arrival times of the publisher's `mask.` results (one per inspected frame), seen by the test."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"mask.")
+        self.sub.connect(f"ipc://{socket_path}")
+        self.times: list[float] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.sub.poll(100):
+                self.sub.recv_multipart()
+                self.times.append(time.monotonic())
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sub.close(0)
+        self.ctx.term()
 
 
 def wait_until(predicate, timeout: float, what: str, on_fail=lambda: "") -> Any:
@@ -255,11 +282,13 @@ def test_wrong_credentials_and_unreachable_receivers_are_down_with_one_line_and_
 def test_modbus_alert_pulses_and_heartbeat_follows_the_worker(tmp_path, make_config, start_daemon):
     plc = ModbusServer()
     heartbeat_ms = 1000
-    config = make_config({"sinks": [
+    # The supervisor waits 3 s before restarting the worker: the heartbeat must be seen to stop in that window.
+    config = make_config({"supervisor": {"restart_backoff_s": 3.0}, "sinks": [
         {"type": "modbus", "name": "plc", "host": "127.0.0.1", "port": plc.port, "pulse_ms": 200,
          "outputs": [{"camera": "belt1", "coil": 10}], "counter_register": 5, "heartbeat_coil": 1,
          "heartbeat_ms": heartbeat_ms, "max_frame_gap_ms": 1500, **FAST_RETRY}]})
     daemon = start_daemon(config)
+    results = ResultTimes(daemon.state / "run" / "publish.sock")
     try:
         daemon.wait_ready(120)
         wait_until(lambda: len(plc.of("coil", 1)) >= 3, 30, "heartbeat toggles while inspecting", daemon.tail)
@@ -280,11 +309,14 @@ def test_modbus_alert_pulses_and_heartbeat_follows_the_worker(tmp_path, make_con
         os.kill(old_pid, signal.SIGKILL)
         back = daemon.wait_for(lambda s: s["roles"]["worker.0"]["pid"] not in (None, old_pid)
                                and s["roles"]["worker.0"]["state"].get("ready"), 120, "the worker restarted")
-        back_at = time.monotonic()
         assert back["roles"]["worker.0"]["restarts"] >= 1
+        back_at = wait_until(lambda: next((t for t in results.times if t > killed_at + 1.0), None), 60,
+                             "a result from the restarted worker")
+        assert back_at - killed_at > 2 * heartbeat_ms / 1000 + 1.0, "the worker came back too soon to see a stop"
         late = [t - killed_at for t, _ in plc.of("coil", 1) if killed_at + 2 * heartbeat_ms / 1000 < t < back_at]
         assert not late, f"heartbeat still toggled {late} s after the worker was killed"
         wait_until(lambda: any(t > back_at for t, _ in plc.of("coil", 1)), 60, "the heartbeat resumes", daemon.tail)
     finally:
+        results.close()
         daemon.close()
         plc.close()
