@@ -1,64 +1,191 @@
-"""The daemon's one YAML config, validated into frozen dataclasses before any role starts.
+"""The daemon's one YAML config, validated into frozen pydantic models before any role starts.
 
-Every field is typed; unknown keys, wrong types and out-of-range values are a
-ConfigError whose message is one line starting with the key path
-(`cameras[1].source: ...`), so an operator never sees a traceback for a typo.
+Every field is typed and every number bounded; unknown keys, wrong types and
+out-of-range values are a ConfigError whose message is one line starting with the key
+path (`cameras[1].fps: ...`), so an operator never sees a traceback for a typo.
 Strings may use `${VAR}` or `${VAR:-default}`: secrets (camera passwords) come from the
-environment, never from the file.
+environment, never from the file. The YAML text itself is bounded (size, nesting,
+alias expansion) before it is parsed, so a hostile file fails fast with one line too.
+
+A config section is one `Section` subclass plus one field on `DaemonConfig`;
+`config_json_schema()` gives the JSON Schema of the whole file (for editors and the console).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping, Optional
 
 import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt,
+                      TypeAdapter, ValidationError, WithJsonSchema, field_validator, model_validator)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
-from daemon.sinks.config import SinkConfigError, SinkList, check_sinks, parse_sinks
+from daemon.sinks.config import SinkConfig, SinkConfigError, check_sinks, sink_models
 from engine.errors import EngineError
 from engine.settings import DEFAULT_BG_CONTEXT, IsegSettings
+
+MAX_CONFIG_BYTES = 1_000_000
+"""A config file larger than this is refused before it is parsed (real configs are a few kB)."""
+MAX_YAML_DEPTH = 32
+"""Deepest nesting of mappings and lists accepted (the schema needs 5)."""
+MAX_YAML_NODES = 100_000
+"""Most YAML nodes after alias expansion (a billion-laughs file expands to ~10^9)."""
+
+CAMERA_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+"""Camera ids name topics, files and metric labels: no leading '-', no dots or slashes."""
 
 
 class ConfigError(Exception):
     """A config that cannot run; the message is one line naming the key path."""
 
 
-@dataclass(frozen=True)
-class SyntheticSource:
+def _rule(key: str, message: str) -> PydanticCustomError:
+    """A cross-field rule broken at `key` (relative to the model that checks it)."""
+    return PydanticCustomError("config_rule", "{text}", {"config_key": key, "text": message})
+
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(text: str) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name)
+        if value is None:
+            if default is None:
+                raise PydanticCustomError("config_rule", "{text}", {"config_key": "", "text": (
+                    f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")})
+            return default
+        return value
+
+    return _ENV_PATTERN.sub(replace, text)
+
+
+def _text(value: Any) -> Any:
+    """YAML scalars to str (a USB index `0` is a source string) with ${VAR} expanded."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    return _expand_env(value) if isinstance(value, str) else value
+
+
+Text = Annotated[str, BeforeValidator(_text), Field(max_length=4096)]
+Name = Annotated[str, BeforeValidator(_text), Field(min_length=1, max_length=200)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+Seconds = Annotated[StrictFloat, Field(gt=0, le=86_400)]
+Score = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
+Hwm = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
+Pixels = Annotated[StrictInt, Field(ge=0, le=65_535)]
+Extent = Annotated[StrictInt, Field(ge=1, le=65_535)]
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, strict types, finite numbers, unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if data is None:
+            return {}
+        if not isinstance(data, Mapping):
+            raise PydanticCustomError("mapping_type", "expected a mapping, got {got}", {"got": _show(data)})
+        for key in data:
+            if key not in cls.model_fields:
+                raise PydanticCustomError("unknown_key", "unknown key (known: {known})",
+                                          {"config_key": str(key), "known": ", ".join(cls.model_fields)})
+        return data
+
+
+def _settings(value: Any) -> Any:
+    """engine.settings → IsegSettings, with the engine's own checks as key-path errors."""
+    if isinstance(value, IsegSettings):
+        return value
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise PydanticCustomError("mapping_type", "expected a mapping of method settings, got {got}", {"got": _show(value)})
+    try:
+        return IsegSettings.from_mapping(value, where="")
+    except EngineError as err:
+        match = re.fullmatch(r"\.?(\w+): (.*)", str(err))
+        key, text = (match.group(1), match.group(2)) if match else ("", str(err))
+        raise _rule(key, text) from None
+
+
+def _settings_schema() -> dict[str, Any]:
+    schema = TypeAdapter(IsegSettings).json_schema()
+    schema["additionalProperties"] = False
+    return schema
+
+
+Settings = Annotated[IsegSettings, BeforeValidator(_settings), WithJsonSchema(_settings_schema())]
+
+
+class SyntheticSource(Section):
     """Generated frames: parts moving on a belt, some with injected defects (deterministic per seed)."""
 
-    seed: int = 0
-    width: int = 320
-    height: int = 240
-    defect_every: int = 3
-    corrupt_every: int = 0
+    seed: Annotated[StrictInt, Field(ge=0, le=2**32 - 1)] = 0
+    width: Annotated[StrictInt, Field(ge=64, le=4096)] = 320
+    height: Annotated[StrictInt, Field(ge=64, le=4096)] = 240
+    defect_every: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 3
+    corrupt_every: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 0
 
 
-@dataclass(frozen=True)
-class CameraConfig:
+class CameraConfig(Section):
     """One camera: where frames come from, what to look for, and how sure to be."""
 
-    id: str
-    source: str
-    fps: float = 2.0
-    roi: tuple[int, int, int, int] | None = None
-    classes: tuple[str, ...] = ("scratch", "dent")
-    bg_context: str = DEFAULT_BG_CONTEXT
-    thresholds: dict[str, float] = field(default_factory=dict)
-    loop: bool = True
-    synthetic: SyntheticSource = field(default_factory=SyntheticSource)
-    open_timeout_s: float = 5.0
-    read_timeout_s: float = 5.0
-    stall_timeout_s: float = 10.0
-    reconnect_initial_s: float = 0.5
-    reconnect_max_s: float = 30.0
-    tcp_port: int | None = None
+    id: Annotated[str, BeforeValidator(_text), Field(json_schema_extra={"pattern": CAMERA_ID_PATTERN})]
+    source: Annotated[Text, Field(min_length=1)]
+    fps: Annotated[StrictFloat, Field(gt=0, le=1000)] = 2.0
+    roi: Optional[tuple[Pixels, Pixels, Extent, Extent]] = None
+    classes: Annotated[tuple[Name, ...], Field(min_length=1, max_length=32)] = ("scratch", "dent")
+    bg_context: Annotated[Text, Field(max_length=1000)] = DEFAULT_BG_CONTEXT
+    thresholds: dict[str, Score] = Field(default_factory=dict)
+    loop: StrictBool = True
+    synthetic: SyntheticSource = SyntheticSource()
+    open_timeout_s: Annotated[StrictFloat, Field(gt=0, le=3600)] = 5.0
+    read_timeout_s: Annotated[StrictFloat, Field(gt=0, le=3600)] = 5.0
+    stall_timeout_s: Annotated[StrictFloat, Field(gt=0, le=3600)] = 10.0
+    reconnect_initial_s: Annotated[StrictFloat, Field(gt=0, le=3600)] = 0.5
+    reconnect_max_s: Annotated[StrictFloat, Field(gt=0, le=3600)] = 30.0
+    tcp_port: Optional[Port] = None
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        if not re.fullmatch(CAMERA_ID_PATTERN, value):
+            raise PydanticCustomError("config_rule", "{text}", {"config_key": "", "text": (
+                f"{_show(value)} must start with a letter or digit and use only letters, digits, '-' and '_' "
+                "(at most 64 characters; it names topics and files)")})
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _non_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise _rule("", "empty; give rtsp://, http(s)://, a file, /dev/videoN, an index or synthetic")
+        return value
+
+    @field_validator("roi", mode="before")
+    @classmethod
+    def _four_values(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and len(value) != 4:
+            raise _rule("", f"expected 4 values, got {len(value)} ([x, y, width, height])")
+        return value
+
+    @model_validator(mode="after")
+    def _classes_and_thresholds(self) -> "CameraConfig":
+        lowered = [c.strip().lower() for c in self.classes]
+        if any(not c for c in lowered) or len(set(lowered)) != len(lowered):
+            raise _rule("classes", "class names must be non-empty and unique")
+        for name in self.thresholds:
+            if name not in self.classes:
+                raise _rule(f"thresholds.{name}", f"not one of this camera's classes ({', '.join(self.classes)})")
+        return self
 
     @property
     def source_kind(self) -> str:
@@ -66,130 +193,215 @@ class CameraConfig:
         return source_kind(self.source)
 
 
-@dataclass(frozen=True)
-class EngineConfig:
+class EngineConfig(Section):
     """What `engine.segmenter.Segmenter.load` gets; `settings` override ISEG_SPEC defaults."""
 
-    model_dir: str
-    device: str = "cpu"
+    model_dir: Annotated[Text, Field(min_length=1)]
+    device: Annotated[Text, Field(min_length=1, max_length=64)] = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     backend: Literal["torch", "onnx"] = "torch"
-    onnx_dir: str | None = None
-    compile: bool = False
-    cuda_graphs: bool = False
-    build_tiny_if_missing: bool = False
-    settings: IsegSettings = field(default_factory=IsegSettings)
+    onnx_dir: Optional[Text] = None
+    compile: StrictBool = False
+    cuda_graphs: StrictBool = False
+    build_tiny_if_missing: StrictBool = False
+    settings: Settings = IsegSettings()
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> "EngineConfig":
+        if self.backend == "onnx" and not self.onnx_dir:
+            raise _rule("onnx_dir", "backend onnx needs the folder written by `iseg export-onnx`")
+        if self.onnx_dir and self.backend != "onnx":
+            raise _rule("onnx_dir", "only used with backend: onnx (set backend: onnx or drop onnx_dir)")
+        if (self.cuda_graphs or self.compile) and self.backend != "torch":
+            raise _rule("cuda_graphs/compile", "apply to backend torch only (ONNX Runtime optimises its own graph)")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise _rule("cuda_graphs", f"needs device cuda or cuda:N, not {self.device!r}")
+        return self
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
+class WorkerConfig(Section):
     """Batching of the detection worker and how many local workers `run` starts."""
 
-    count: int = 1
-    batch_size: int = 2
-    max_wait_ms: float = 50.0
-    batch_timeout_s: float = 120.0
-    torch_threads: int | None = None
+    count: Annotated[StrictInt, Field(ge=0, le=64)] = 1
+    batch_size: Annotated[StrictInt, Field(ge=1, le=256)] = 2
+    max_wait_ms: Annotated[StrictFloat, Field(ge=0, le=60_000)] = 50.0
+    batch_timeout_s: Seconds = 120.0
+    torch_threads: Optional[Annotated[StrictInt, Field(ge=1, le=1024)]] = None
 
 
-@dataclass(frozen=True)
-class AlertConfig:
+class AlertConfig(Section):
     """Debouncing: a class alerts when flagged in k of the last n frames, then rests for cooldown_s."""
 
-    k: int = 2
-    n: int = 3
-    cooldown_s: float = 30.0
-    default_threshold: float = 0.5
-    min_area_px: int = 16
-    max_boxes: int = 8
+    k: Annotated[StrictInt, Field(ge=1, le=1000)] = 2
+    n: Annotated[StrictInt, Field(ge=1, le=1000)] = 3
+    cooldown_s: Annotated[StrictFloat, Field(ge=0, le=86_400)] = 30.0
+    default_threshold: Score = 0.5
+    min_area_px: Annotated[StrictInt, Field(ge=0, le=100_000_000)] = 16
+    max_boxes: Annotated[StrictInt, Field(ge=0, le=1000)] = 8
+
+    @model_validator(mode="after")
+    def _k_of_n(self) -> "AlertConfig":
+        if self.k > self.n:
+            raise _rule("k", f"{self.k} must be between 1 and alerts.n ({self.n})")
+        return self
 
 
-@dataclass(frozen=True)
-class RecorderConfig:
+class RecorderConfig(Section):
     """Where flagged frames go and how long they stay."""
 
-    enabled: bool = True
-    retention_days: float = 30.0
-    min_free_mb: float = 1024.0
-    retention_check_s: float = 30.0
-    jpeg_quality: int = 85
+    enabled: StrictBool = True
+    retention_days: Annotated[StrictFloat, Field(gt=0, le=36_500)] = 30.0
+    min_free_mb: Annotated[StrictFloat, Field(ge=0, le=1_000_000_000_000)] = 1024.0
+    retention_check_s: Seconds = 30.0
+    jpeg_quality: Annotated[StrictInt, Field(ge=1, le=100)] = 85
 
 
-@dataclass(frozen=True)
-class CalibrationConfig:
+class CalibrationConfig(Section):
     """Threshold = `quantile` of the known-good presence scores plus `margin`."""
 
-    quantile: float = 0.99
-    margin: float = 0.02
+    quantile: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] = 0.99
+    margin: Annotated[StrictFloat, Field(ge=-1.0, le=1.0)] = 0.02
 
 
-@dataclass(frozen=True)
-class RemoteConfig:
+class RemoteConfig(Section):
     """TCP endpoints for workers on other hosts, secured with CurveZMQ.
 
     The main host binds on `bind_host`; a remote worker (`iseg worker --remote`) connects to
     `host`. Key files are those written by `iseg gen-keys` (zmq.auth certificates).
     """
 
-    host: str
-    bind_host: str = "127.0.0.1"
-    results_port: int = 5599
-    server_key: str = ""
-    client_key: str = ""
-    authorized_clients_dir: str = ""
+    host: Annotated[Text, Field(min_length=1, max_length=253)]
+    bind_host: Annotated[Text, Field(min_length=1, max_length=253)] = "127.0.0.1"
+    results_port: Port = 5599
+    server_key: Text = ""
+    client_key: Text = ""
+    authorized_clients_dir: Text = ""
+
+    @model_validator(mode="after")
+    def _keys(self) -> "RemoteConfig":
+        if not (self.server_key and self.client_key):
+            raise _rule("", "server_key and client_key files are required (see `iseg gen-keys`)")
+        return self
 
 
-@dataclass(frozen=True)
-class SocketConfig:
+ENDPOINTS = ("frames", "results", "publish", "replay", "telemetry")
+
+
+class SocketConfig(Section):
     """ZeroMQ endpoints; `{run_dir}` and `{camera}` are filled in. Default: ipc:// under the run dir."""
 
-    run_dir: str | None = None
-    frames: str = "ipc://{run_dir}/frames-{camera}.sock"
-    results: str = "ipc://{run_dir}/results.sock"
-    publish: str = "ipc://{run_dir}/publish.sock"
-    replay: str = "ipc://{run_dir}/replay.sock"
-    telemetry: str = "ipc://{run_dir}/telemetry.sock"
-    frames_hwm: int = 1
-    results_hwm: int = 64
-    publish_hwm: int = 256
-    remote: RemoteConfig | None = None
+    run_dir: Optional[Text] = None
+    frames: Text = "ipc://{run_dir}/frames-{camera}.sock"
+    results: Text = "ipc://{run_dir}/results.sock"
+    publish: Text = "ipc://{run_dir}/publish.sock"
+    replay: Text = "ipc://{run_dir}/replay.sock"
+    telemetry: Text = "ipc://{run_dir}/telemetry.sock"
+    frames_hwm: Hwm = 1
+    results_hwm: Hwm = 64
+    publish_hwm: Hwm = 256
+    remote: Optional[RemoteConfig] = None
+
+    @field_validator(*ENDPOINTS)
+    @classmethod
+    def _endpoint(cls, endpoint: str) -> str:
+        if not re.match(r"(ipc|tcp|inproc)://", endpoint):
+            raise _rule("", f"{endpoint!r} must start with ipc://, tcp:// or inproc://")
+        try:
+            endpoint.format(run_dir="x", camera="x")
+        except (KeyError, IndexError, ValueError):
+            raise _rule("", f"{endpoint!r} may only use {{run_dir}} and {{camera}}") from None
+        return endpoint
+
+    @model_validator(mode="after")
+    def _frames_per_camera(self) -> "SocketConfig":
+        if "{camera}" not in self.frames:
+            raise _rule("frames", "must contain {camera} (each camera binds its own frame socket)")
+        return self
 
 
-@dataclass(frozen=True)
-class MetricsConfig:
+class MetricsConfig(Section):
     """Where the supervisor serves /healthz, /readyz, /metrics and /stats (localhost by default)."""
 
-    listen: str = "127.0.0.1:9108"
+    listen: Text = "127.0.0.1:9108"
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise _rule("", f"{value!r} must be host:port with a port in 1..65535, e.g. 127.0.0.1:9108")
+        return value
 
 
-@dataclass(frozen=True)
-class SupervisorConfig:
+class SupervisorConfig(Section):
     """Restart policy and hang detection for the roles `run` starts."""
 
-    max_restarts: int = 5
-    restart_window_s: float = 300.0
-    heartbeat_timeout_s: float = 15.0
-    stop_timeout_s: float = 15.0
-    restart_backoff_s: float = 1.0
+    max_restarts: Annotated[StrictInt, Field(ge=0, le=1000)] = 5
+    restart_window_s: Seconds = 300.0
+    heartbeat_timeout_s: Annotated[StrictFloat, Field(gt=0, le=3600)] = 15.0
+    stop_timeout_s: Annotated[StrictFloat, Field(gt=0, le=3600)] = 15.0
+    restart_backoff_s: Annotated[StrictFloat, Field(ge=0, le=3600)] = 1.0
 
 
-@dataclass(frozen=True)
-class DaemonConfig:
+class LimitsConfig(Section):
+    """Bounds on input the daemon accepts, checked before any work is done on it."""
+
+    max_image_pixels: Annotated[StrictInt, Field(ge=1, le=2_000_000_000)] = 100_000_000
+    """Images (files, HTTP/MJPEG frames, uploads) with more pixels are refused from their header, never decoded."""
+
+
+class DaemonConfig(Section):
     """The whole config; `path` is the file it came from (relative paths resolve against its folder)."""
 
-    state_dir: str
+    state_dir: Annotated[Text, Field(min_length=1)]
     engine: EngineConfig
-    cameras: tuple[CameraConfig, ...]
-    worker: WorkerConfig = field(default_factory=WorkerConfig)
-    alerts: AlertConfig = field(default_factory=AlertConfig)
-    recorder: RecorderConfig = field(default_factory=RecorderConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    sockets: SocketConfig = field(default_factory=SocketConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
-    sinks: SinkList = ()
+    cameras: Annotated[tuple[CameraConfig, ...], Field(min_length=1, max_length=256)]
+    worker: WorkerConfig = WorkerConfig()
+    alerts: AlertConfig = AlertConfig()
+    recorder: RecorderConfig = RecorderConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    sockets: SocketConfig = SocketConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    limits: LimitsConfig = LimitsConfig()
+    sinks: tuple[SinkConfig, ...] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    path: str = ""
+
+    _path: str = PrivateAttr("")
+
+    @field_validator("sinks", mode="before")
+    @classmethod
+    def _sink_types(cls, value: Any) -> Any:
+        return sink_models(value)
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> "DaemonConfig":
+        seen: set[str] = set()
+        ports: set[int] = set()
+        remote = self.sockets.remote
+        if remote is not None:
+            ports.add(remote.results_port)
+        for i, cam in enumerate(self.cameras):
+            if cam.id in seen:
+                raise _rule(f"cameras[{i}].id", f"{cam.id!r} is used by two cameras")
+            seen.add(cam.id)
+            if cam.tcp_port is not None:
+                if remote is None:
+                    raise _rule(f"cameras[{i}].tcp_port", "set sockets.remote too (remote workers need CurveZMQ keys)")
+                if cam.tcp_port in ports:
+                    raise _rule(f"cameras[{i}].tcp_port", f"{cam.tcp_port} is already used by another camera or "
+                                "sockets.remote.results_port; give each its own port")
+                ports.add(cam.tcp_port)
+        try:
+            check_sinks(self.sinks, [cam.id for cam in self.cameras])
+        except SinkConfigError as err:
+            raise _rule(f"sinks{err.key}", err.text) from None
+        return self
+
+    @property
+    def path(self) -> str:
+        """The config file this came from ('' when built from a mapping)."""
+        return self._path
 
     @property
     def state_path(self) -> Path:
@@ -257,217 +469,162 @@ def source_kind(source: str) -> str:
     return "file"
 
 
-_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+def config_json_schema() -> dict[str, Any]:
+    """JSON Schema of the config file (draft 2020-12); cross-field rules are checked by parse_config only."""
+    return DaemonConfig.model_json_schema()
 
 
-def _expand_env(text: str, where: str) -> str:
-    def replace(match: re.Match[str]) -> str:
-        name, default = match.group(1), match.group(2)
-        value = os.environ.get(name)
-        if value is None:
-            if default is None:
-                raise ConfigError(f"{where}: environment variable {name} is not set (use ${{{name}:-default}} for a default)")
-            return default
-        return value
-
-    return _ENV_PATTERN.sub(replace, text)
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+def _key_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
 
 
-def _convert(value: Any, tp: Any, where: str) -> Any:
-    """Check and convert one YAML value to the annotated type; ConfigError names `where`."""
-    if tp == SinkList:
-        try:
-            return parse_sinks(value, where)
-        except SinkConfigError as err:
-            raise ConfigError(str(err)) from None
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], where)
-    if tp is IsegSettings:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping of method settings, got {value!r}")
-        try:
-            return IsegSettings.from_mapping(value, where=where)
-        except EngineError as err:
-            message = str(err)
-            raise ConfigError(message if message.startswith(where) else f"{where}.{message}") from None
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} must be one of {', '.join(map(str, args))}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {value!r} must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {value!r} must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {value!r} must be a number")
-        return float(value)
-    if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: {value!r} must be a string")
-        return _expand_env(value, where)
-    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+def _with_key(path: str, key: str) -> str:
+    if not key:
+        return path
+    if not path or key.startswith("["):
+        return path + key
+    return f"{path}.{key}"
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls, include_extras=True)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
-    prefix = f"{where}." if where else ""
-    for key in data:
-        if key not in fields:
-            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(fields)})")
-    kwargs = {}
-    for name, spec in fields.items():
-        if name in data:
-            kwargs[name] = _convert(data[name], hints[name], f"{prefix}{name}")
-        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}{name}: required key is missing")
-    return cls(**kwargs)
+_BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
+           "less_than_equal": ("<=", "le")}
+_TYPES = {"int_type": "must be an integer", "int_from_float": "must be an integer", "float_type": "must be a number",
+          "bool_type": "must be true or false", "string_type": "must be a string",
+          "finite_number": "must be a finite number"}
 
 
-def _check(config: DaemonConfig) -> None:
-    """Cross-field rules the types alone cannot say."""
-    if not config.cameras:
-        raise ConfigError("cameras: list at least one camera")
-    seen: set[str] = set()
-    ports: set[int] = set()
-    for i, cam in enumerate(config.cameras):
-        where = f"cameras[{i}]"
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", cam.id):
-            raise ConfigError(f"{where}.id: {cam.id!r} may use only letters, digits, '-' and '_' (it names topics and files)")
-        if cam.id in seen:
-            raise ConfigError(f"{where}.id: {cam.id!r} is used by two cameras")
-        seen.add(cam.id)
-        if not cam.source.strip():
-            raise ConfigError(f"{where}.source: empty; give rtsp://, http(s)://, a file, /dev/videoN, an index or synthetic")
-        if not cam.fps > 0:
-            raise ConfigError(f"{where}.fps: {cam.fps} must be > 0")
-        if cam.roi is not None and (cam.roi[0] < 0 or cam.roi[1] < 0 or cam.roi[2] <= 0 or cam.roi[3] <= 0):
-            raise ConfigError(f"{where}.roi: {list(cam.roi)} must be [x, y, width, height] with x, y >= 0 and a positive size")
-        if not cam.classes:
-            raise ConfigError(f"{where}.classes: list at least one defect class")
-        lowered = [c.strip().lower() for c in cam.classes]
-        if any(not c for c in lowered) or len(set(lowered)) != len(lowered):
-            raise ConfigError(f"{where}.classes: class names must be non-empty and unique")
-        for name, value in cam.thresholds.items():
-            if name not in cam.classes:
-                raise ConfigError(f"{where}.thresholds.{name}: not one of this camera's classes ({', '.join(cam.classes)})")
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{where}.thresholds.{name}: {value} must be in [0, 1] (presence scores are)")
-        for key in ("open_timeout_s", "read_timeout_s", "stall_timeout_s", "reconnect_initial_s", "reconnect_max_s"):
-            if not getattr(cam, key) > 0:
-                raise ConfigError(f"{where}.{key}: must be > 0")
-        if cam.synthetic.width < 64 or cam.synthetic.height < 64:
-            raise ConfigError(f"{where}.synthetic: width and height must be >= 64")
-        if cam.tcp_port is not None:
-            if config.sockets.remote is None:
-                raise ConfigError(f"{where}.tcp_port: set sockets.remote too (remote workers need CurveZMQ keys)")
-            if cam.tcp_port in ports or not 0 < cam.tcp_port < 65536:
-                raise ConfigError(f"{where}.tcp_port: {cam.tcp_port} must be a free port number used by one camera only")
-            ports.add(cam.tcp_port)
-    e = config.engine
-    if e.backend == "onnx" and not e.onnx_dir:
-        raise ConfigError("engine.onnx_dir: backend onnx needs the folder written by `iseg export-onnx`")
-    if e.onnx_dir and e.backend != "onnx":
-        raise ConfigError("engine.onnx_dir: only used with backend: onnx (set backend: onnx or drop onnx_dir)")
-    if (e.cuda_graphs or e.compile) and e.backend != "torch":
-        raise ConfigError("engine.cuda_graphs/compile: apply to backend torch only (ONNX Runtime optimises its own graph)")
-    if e.cuda_graphs and not e.device.startswith("cuda"):
-        raise ConfigError(f"engine.cuda_graphs: needs device cuda or cuda:N, not {e.device!r}")
-    w = config.worker
-    if w.count < 0 or w.batch_size < 1 or w.max_wait_ms < 0 or w.batch_timeout_s <= 0:
-        raise ConfigError("worker: count >= 0, batch_size >= 1, max_wait_ms >= 0 and batch_timeout_s > 0 are required")
-    a = config.alerts
-    if not 1 <= a.k <= a.n:
-        raise ConfigError(f"alerts.k: {a.k} must be between 1 and alerts.n ({a.n})")
-    if a.cooldown_s < 0 or not 0.0 <= a.default_threshold <= 1.0:
-        raise ConfigError("alerts: cooldown_s must be >= 0 and default_threshold in [0, 1]")
-    r = config.recorder
-    if r.retention_days <= 0 or r.min_free_mb < 0 or not 1 <= r.jpeg_quality <= 100:
-        raise ConfigError("recorder: retention_days > 0, min_free_mb >= 0 and jpeg_quality in 1..100 are required")
-    c = config.calibration
-    if not 0.0 < c.quantile <= 1.0:
-        raise ConfigError(f"calibration.quantile: {c.quantile} must be in (0, 1]")
-    s = config.sockets
-    for name in ("frames", "results", "publish", "replay", "telemetry"):
-        endpoint = getattr(s, name)
-        if not re.match(r"(ipc|tcp|inproc)://", endpoint):
-            raise ConfigError(f"sockets.{name}: {endpoint!r} must start with ipc://, tcp:// or inproc://")
-        try:
-            endpoint.format(run_dir="x", camera="x")
-        except (KeyError, IndexError, ValueError):
-            raise ConfigError(f"sockets.{name}: {endpoint!r} may only use {{run_dir}} and {{camera}}") from None
-    if "{camera}" not in s.frames:
-        raise ConfigError("sockets.frames: must contain {camera} (each camera binds its own frame socket)")
-    if min(s.frames_hwm, s.results_hwm, s.publish_hwm) < 1:
-        raise ConfigError("sockets: the *_hwm queue bounds must be >= 1")
-    if s.remote is not None and not (s.remote.server_key and s.remote.client_key):
-        raise ConfigError("sockets.remote: server_key and client_key files are required (see `iseg gen-keys`)")
-    host, _, port = config.metrics.listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"metrics.listen: {config.metrics.listen!r} must be host:port, e.g. 127.0.0.1:9108")
-    sup = config.supervisor
-    if sup.max_restarts < 0 or sup.restart_window_s <= 0 or sup.heartbeat_timeout_s <= 0 or sup.stop_timeout_s <= 0:
-        raise ConfigError("supervisor: max_restarts >= 0 and positive restart_window_s, heartbeat_timeout_s, stop_timeout_s are required")
-    try:
-        check_sinks(config.sinks, [c.id for c in config.cameras])
-    except SinkConfigError as err:
-        raise ConfigError(str(err)) from None
+def _one_line(error: ErrorDetails) -> str:
+    """One pydantic error as `key.path: what is wrong and what would be right`."""
+    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    path = _with_key(_key_path(tuple(error["loc"])), str(ctx.get("config_key", "")))
+    if kind == "missing":
+        text = "required key is missing"
+    elif kind in _BOUNDS:
+        sign, bound = _BOUNDS[kind]
+        text = f"{_show(value)} must be {sign} {ctx[bound]}"
+    elif kind in _TYPES:
+        text = f"{_show(value)} {_TYPES[kind]}"
+    elif kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        text = f"{_show(value)} must be one of {', '.join(choices)}"
+    elif kind in ("tuple_type", "list_type"):
+        text = f"expected a list, got {_show(value)}"
+    elif kind in ("dict_type", "model_type", "dataclass_type"):
+        text = f"expected a mapping, got {_show(value)}"
+    elif kind == "string_too_short":
+        text = "must not be empty"
+    elif kind == "string_too_long":
+        text = f"is longer than {ctx.get('max_length')} characters"
+    elif kind == "too_short":
+        least = ctx.get("min_length")
+        text = f"list at least {'one' if least == 1 else least}"
+    elif kind == "too_long":
+        text = f"at most {ctx.get('max_length')} item(s), got {ctx.get('actual_length')}"
+    else:
+        text = error["msg"].removeprefix("Value error, ")
+    return f"{path}: {text}" if path else text
 
 
 def parse_config(data: Any, path: str = "") -> DaemonConfig:
-    """Validate an already-loaded YAML document."""
-    config = _build(DaemonConfig, data, "")
-    config = dataclasses.replace(config, path=path)
-    _check(config)
+    """Validate an already-loaded YAML document; every problem is a one-line ConfigError."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: expected a mapping of sections (state_dir, engine, cameras, ...), got {_show(data)}")
+    try:
+        config = DaemonConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err.errors(include_url=False)[0]).replace("\n", " ")) from None
+    config._path = path
     return config
+
+
+def _loader() -> type:
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def check_yaml_shape(text: str, where: str) -> None:
+    """Refuse deep nesting and alias bombs from the event stream, before anything is built.
+
+    Each node's expanded size (its own node plus everything under it, aliases counted as
+    the nodes they stand for) is summed as the events go by, so a billion-laughs file is
+    refused after a few hundred events, and a 20,000-deep one at depth MAX_YAML_DEPTH.
+    """
+    sizes: dict[str, int] = {}
+    stack: list[list[Any]] = []
+    total = 0
+
+    def close(size: int, anchor: str | None) -> None:
+        nonlocal total
+        if anchor:
+            sizes[anchor] = size
+        if stack:
+            stack[-1][1] += size
+        else:
+            total += size
+        if size > MAX_YAML_NODES or total > MAX_YAML_NODES:
+            raise ConfigError(f"{where}: the YAML expands to more than {MAX_YAML_NODES} nodes "
+                              "(aliases that repeat aliases?); write the config out plainly")
+
+    try:
+        for event in yaml.parse(text, Loader=_loader()):
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                if len(stack) >= MAX_YAML_DEPTH:
+                    line = f" line {event.start_mark.line + 1}" if event.start_mark else ""
+                    raise ConfigError(f"{where}:{line} YAML nested deeper than {MAX_YAML_DEPTH} levels")
+                stack.append([event.anchor, 1])
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                anchor, size = stack.pop()
+                close(size, anchor)
+            elif isinstance(event, yaml.ScalarEvent):
+                close(1, event.anchor)
+            elif isinstance(event, yaml.AliasEvent):
+                close(sizes.get(event.anchor, 1), None)
+    except yaml.YAMLError as err:
+        raise ConfigError(_yaml_problem(err, where)) from None
+
+
+def _yaml_problem(err: yaml.YAMLError, where: str) -> str:
+    mark = getattr(err, "problem_mark", None)
+    line = f" line {mark.line + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{where}:{line} invalid YAML: {problem}"
+
+
+def parse_config_text(text: str, path: str = "") -> DaemonConfig:
+    """Validate config YAML text (a file's, or an edit from the console) with the same bounds as a file."""
+    where = path or "config"
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: config is larger than {MAX_CONFIG_BYTES // 1000} kB; is this the right file?")
+    check_yaml_shape(text, where)
+    try:
+        data = yaml.load(text, Loader=_loader())
+    except yaml.YAMLError as err:
+        raise ConfigError(_yaml_problem(err, where)) from None
+    return parse_config(data, path)
 
 
 def load_config(path: str | Path) -> DaemonConfig:
     """Read and validate a config file; every problem is a one-line ConfigError."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        with open(file, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config is larger than {MAX_CONFIG_BYTES // 1000} kB; is this the right file?")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}:{where} invalid YAML: {problem}") from None
-    return parse_config(data, str(file))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the config as UTF-8") from None
+    return parse_config_text(text, str(file))

@@ -9,19 +9,38 @@ classes, minimum presence) and retry/circuit-breaker settings; the rest depends 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Iterable, Literal, Union
+from typing import Annotated, Any, Iterable, Literal, Mapping, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 SINK_TYPES = ("mqtt", "webhook", "modbus")
 
 
 class SinkConfigError(ValueError):
-    """A `sinks:` entry that cannot run; one line starting with the key path."""
+    """A `sinks:` rule across entries is broken; `key` is relative to `sinks` (e.g. `[1].name`)."""
+
+    def __init__(self, key: str, text: str) -> None:
+        super().__init__(f"sinks{key}: {text}")
+        self.key = key
+        self.text = text
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    """Frozen, finite numbers, unknown keys refused with the list of known ones (like every config section)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            known = [f.alias or name for name, f in cls.model_fields.items()]
+            for key in data:
+                if key not in known:
+                    raise PydanticCustomError("unknown_key", "unknown key (known: {known})",
+                                              {"config_key": str(key), "known": ", ".join(known)})
+        return data
 
 
 class SinkBase(_Model):
@@ -139,67 +158,78 @@ class ModbusSinkConfig(SinkBase):
 
 
 SinkConfig = Annotated[Union[MqttSinkConfig, WebhookSinkConfig, ModbusSinkConfig], Field(discriminator="type")]
-SinkList = tuple[SinkConfig, ...]
 
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(SinkConfig)
-_MODELS = {"mqtt": MqttSinkConfig, "webhook": WebhookSinkConfig, "modbus": ModbusSinkConfig}
+_MODELS: dict[str, type[SinkBase]] = {"mqtt": MqttSinkConfig, "webhook": WebhookSinkConfig,
+                                      "modbus": ModbusSinkConfig}
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def _path(where: str, loc: Iterable[Any]) -> str:
-    out = where
+def _relative_key(loc: Iterable[Any]) -> str:
+    out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
     return out
 
 
-def parse_sink(data: Any, where: str) -> SinkConfig:
-    """One `sinks:` entry → its model; SinkConfigError names the key path."""
-    if not isinstance(data, dict):
-        raise SinkConfigError(f"{where}: expected a mapping with type: {' | '.join(SINK_TYPES)}, got {data!r}")
+def _error_text(error: Any) -> str:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    if kind == "missing":
+        return "required key is missing"
+    if kind in _BOUNDS:
+        bound = next(v for k, v in ctx.items() if k in ("gt", "ge", "lt", "le"))
+        return f"{error.get('input')!r} must be {_BOUNDS[kind]} {bound}"
+    if kind == "string_pattern_mismatch":
+        return f"{error.get('input')!r} does not match {ctx.get('pattern')}"
+    text = error["msg"].removeprefix("Value error, ")
+    return text if kind in ("value_error", "unknown_key") else f"{error.get('input')!r}: {text}"
+
+
+def parse_sink(data: Any, index: int) -> SinkBase:
+    """One `sinks:` entry → the model its `type` names; SinkConfigError keyed like `[0].host`."""
+    if isinstance(data, SinkBase):
+        return data
+    if not isinstance(data, Mapping):
+        raise SinkConfigError(f"[{index}]", f"expected a mapping with type: {' | '.join(SINK_TYPES)}, got {data!r}")
     kind = data.get("type")
-    if kind not in SINK_TYPES:
-        raise SinkConfigError(f"{where}.type: {kind!r} must be one of {', '.join(SINK_TYPES)}")
+    if kind not in _MODELS:
+        raise SinkConfigError(f"[{index}].type", f"{kind!r} must be one of {', '.join(SINK_TYPES)}")
     try:
-        return _ADAPTER.validate_python(data)
+        return _MODELS[kind].model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
+        first = err.errors(include_url=False)[0]
         loc = list(first["loc"])
-        if loc and loc[0] == kind:
-            loc = loc[1:]
-        path = _path(where, loc)
-        if first["type"] == "extra_forbidden":
-            known = ", ".join(f.alias or n for n, f in _MODELS[kind].model_fields.items())
-            raise SinkConfigError(f"{path}: unknown key (known: {known})") from None
-        if first["type"] == "missing":
-            raise SinkConfigError(f"{path}: required key is missing") from None
-        message = first["msg"].removeprefix("Value error, ")
-        raise SinkConfigError(f"{path}: {message} (got {first.get('input')!r})"
-                              if first["type"] != "value_error" else f"{path}: {message}") from None
+        key = (first.get("ctx") or {}).get("config_key")
+        if key:
+            loc.append(key)
+        raise SinkConfigError(f"[{index}]{_relative_key(loc)}", _error_text(first)) from None
 
 
-def parse_sinks(data: Any, where: str = "sinks") -> tuple[SinkConfig, ...]:
-    """The whole `sinks:` list."""
-    if data is None:
+def sink_models(value: Any) -> Any:
+    """Before-validator of DaemonConfig.sinks: each entry becomes its type's model, errors keyed by index."""
+    if value is None:
         return ()
-    if not isinstance(data, (list, tuple)):
-        raise SinkConfigError(f"{where}: expected a list of sinks, got {data!r}")
-    return tuple(parse_sink(item, f"{where}[{i}]") for i, item in enumerate(data))
+    if not isinstance(value, (list, tuple)):
+        return value
+    try:
+        return tuple(parse_sink(item, i) for i, item in enumerate(value))
+    except SinkConfigError as err:
+        raise PydanticCustomError("config_rule", "{text}", {"config_key": err.key, "text": err.text}) from None
 
 
-def check_sinks(sinks: Iterable[SinkConfig], camera_ids: Iterable[str]) -> None:
+def check_sinks(sinks: Iterable[SinkBase], camera_ids: Iterable[str]) -> None:
     """Rules across sinks and cameras: unique names, cameras that exist."""
     known = list(camera_ids)
     names: set[str] = set()
     for i, sink in enumerate(sinks):
-        where = f"sinks[{i}]"
         if sink.name in names:
-            raise SinkConfigError(f"{where}.name: {sink.name!r} is used by two sinks")
+            raise SinkConfigError(f"[{i}].name", f"{sink.name!r} is used by two sinks")
         names.add(sink.name)
         for camera in sink.cameras:
             if camera not in known:
-                raise SinkConfigError(f"{where}.cameras: {camera!r} is not a camera id (config has: {', '.join(known)})")
+                raise SinkConfigError(f"[{i}].cameras", f"{camera!r} is not a camera id (config has: {', '.join(known)})")
         if isinstance(sink, ModbusSinkConfig):
             for j, output in enumerate(sink.outputs):
                 if output.camera not in known:
-                    raise SinkConfigError(f"{where}.outputs[{j}].camera: {output.camera!r} is not a camera id "
-                                          f"(config has: {', '.join(known)})")
+                    raise SinkConfigError(f"[{i}].outputs[{j}].camera",
+                                          f"{output.camera!r} is not a camera id (config has: {', '.join(known)})")

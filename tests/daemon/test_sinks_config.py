@@ -61,7 +61,7 @@ def test_sink_names_are_unique():
 
 def test_filters_cameras_classes_min_presence():
     sink = parse_sink({"type": "webhook", "name": "w", "url": "http://x", "cameras": ["press1"], "classes": ["dent"],
-                       "min_presence": 0.4}, "sinks[0]")
+                       "min_presence": 0.4}, 0)
 
     def alert(camera="press1", name="dent", presence=0.5):
         return {"camera": camera, "class": name, "classes": {name: {"presence": presence}}}
@@ -74,7 +74,7 @@ def test_filters_cameras_classes_min_presence():
 def test_modbus_coils_per_camera_and_class():
     sink = parse_sink({"type": "modbus", "name": "p", "host": "h", "outputs": [
         {"camera": "press1", "coil": 1}, {"camera": "press1", "class": "dent", "coil": 2}, {"camera": "press2", "coil": 3}]},
-        "sinks[0]")
+        0)
     assert sink.coils_for({"camera": "press1", "class": "dent"}) == [1, 2]
     assert sink.coils_for({"camera": "press1", "class": "scratch"}) == [1]
     assert sink.coils_for({"camera": "press2", "class": "dent"}) == [3]

@@ -45,7 +45,7 @@ class ScriptedSink(Sink):
 
 def sink_config(**extra):
     return parse_sink({"type": "webhook", "name": "s", "url": "http://x", "retry_initial_s": 0.02,
-                       "retry_max_s": 0.05, "breaker_failures": 3, "breaker_open_s": 0.3, **extra}, "sinks[0]")
+                       "retry_max_s": 0.05, "breaker_failures": 3, "breaker_open_s": 0.3, **extra}, 0)
 
 
 def wait(predicate, timeout=10.0):
