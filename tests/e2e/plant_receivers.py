@@ -131,6 +131,7 @@ class HttpReceiver:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out in two writes; Nagle would hold the body 40 ms
 
             def do_POST(self) -> None:  # noqa: N802 (http.server naming)
                 mode = outer.mode
