@@ -78,3 +78,16 @@ def test_modbus_coils_per_camera_and_class():
     assert sink.coils_for({"camera": "press1", "class": "dent"}) == [1, 2]
     assert sink.coils_for({"camera": "press1", "class": "scratch"}) == [1]
     assert sink.coils_for({"camera": "press2", "class": "dent"}) == [3]
+
+
+def test_readme_example_is_a_valid_sinks_section():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Sending alerts to the plant", 1)[1]
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    config = parse_config({**BASE, **example})
+    assert [s.type for s in config.sinks] == ["mqtt", "webhook", "modbus"]
