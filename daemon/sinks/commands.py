@@ -95,6 +95,7 @@ def send_test(config: DaemonConfig, name: str, out: TextIO = sys.stdout) -> int:
     sink_config = _sink(config, name)
     instance = instance_id(config)
     sink = build_sink(sink_config, sink_context(config, instance, name))
+    sink.probe = True
     camera = (sink_config.cameras or [c.id for c in config.cameras])[0]
     if sink_config.type == "modbus" and sink_config.outputs:
         camera = sink_config.outputs[0].camera

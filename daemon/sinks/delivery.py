@@ -49,6 +49,9 @@ class Sink:
         self.config = config
         self.context = context
         self.name: str = config.name
+        self.probe = False
+        """Set for `iseg sinks test` next to a running role: touch no shared receiver state
+        (MQTT session, availability, coil resets), deliver the one alert only."""
 
     def describe(self) -> str:
         """Where alerts go, for logs (never secrets)."""

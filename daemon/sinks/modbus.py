@@ -94,7 +94,7 @@ class ModbusSink(Sink):
         self._reconnect_s = 1.0
         try:
             # A pulse cut short by a lost link must not leave a coil on.
-            for coil in sorted(set(self.pulses) | {o.coil for o in self.config.outputs}):
+            for coil in sorted(set(self.pulses) | ({o.coil for o in self.config.outputs} if not self.probe else set())):
                 self._write_coil(coil, False)
             self.pulses.clear()
         except (DeliveryError, ModbusException, OSError) as err:

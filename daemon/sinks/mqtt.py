@@ -63,7 +63,9 @@ class MqttSink(Sink):
         """Create the client, connect in the background and wait briefly for the first answer."""
         cfg = self.config
         client_id = cfg.client_id or f"iseg-{self.context.instance[:8]}-{self.name}"
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False,
+        if self.probe:
+            client_id += "-test"
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=self.probe,
                              protocol=mqtt.MQTTv311)
         if cfg.username:
             password = read_secret(self.context, cfg.password_file, "password_file") if cfg.password_file else None
@@ -76,7 +78,8 @@ class MqttSink(Sink):
                 client.tls_set(ca_certs=str(ca), tls_version=ssl.PROTOCOL_TLS_CLIENT)
             except (ssl.SSLError, OSError, ValueError) as err:
                 raise SinkSetupError(f"tls_ca {ca}: {err}") from None
-        client.will_set(f"{self.prefix}/available", "offline", qos=1, retain=True)
+        if not self.probe:
+            client.will_set(f"{self.prefix}/available", "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -92,8 +95,9 @@ class MqttSink(Sink):
         self.answered.wait(cfg.connect_timeout_s)
         if not self.answered.is_set():
             self._problem = f"no answer from MQTT broker {cfg.host}:{cfg.port} within {cfg.connect_timeout_s:g}s"
-        self._ticker = threading.Thread(target=self._tick, name=f"mqtt-{self.name}", daemon=True)
-        self._ticker.start()
+        if not self.probe:
+            self._ticker = threading.Thread(target=self._tick, name=f"mqtt-{self.name}", daemon=True)
+            self._ticker.start()
 
     def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: Any, reason: Any, _props: Any) -> None:
         self.answered.set()
@@ -103,6 +107,8 @@ class MqttSink(Sink):
             return
         self.connected = True
         self._problem = None
+        if self.probe:
+            return
         client.publish(f"{self.prefix}/available", "online", qos=1, retain=True)
         self._health_sent.clear()
         self._publish_health()
@@ -204,7 +210,7 @@ class MqttSink(Sink):
             self._ticker.join(timeout=2.0)
         if self.client is None:
             return
-        if self.connected:
+        if self.connected and not self.probe:
             info = self.client.publish(f"{self.prefix}/available", "offline", qos=1, retain=True)
             try:
                 info.wait_for_publish(1.0)
