@@ -25,7 +25,7 @@ from daemon.model_setup import ensure_model
 from daemon.role import EX_CONFIG, Heartbeat, StopFlag
 from daemon.security import connect_curve_client, stop_authenticators
 from daemon.wire import Message, WireError, array_header, frame_from, now, recv, send
-from engine.errors import ModelLoadError, SettingsError
+from engine.errors import InputError, ModelLoadError, SettingsError
 
 IDLE_DRAIN_S = 0.3
 DRAIN_MAX_S = 5.0
@@ -56,9 +56,12 @@ def load_segmenter(config: DaemonConfig, log: logging.Logger) -> tuple[Any, dict
                                onnx_dir=config.onnx_path, compile_blocks=engine.compile,
                                cuda_graphs=engine.cuda_graphs, max_batch=config.worker.batch_size)
     class_sets = {}
-    for camera in config.cameras:
-        class_sets[camera.id] = ClassSet(camera.classes, camera.bg_context)
-        segmenter.prepare(class_sets[camera.id])
+    for i, camera in enumerate(config.cameras):
+        try:
+            class_sets[camera.id] = ClassSet(camera.classes, camera.bg_context)
+            segmenter.prepare(class_sets[camera.id])
+        except InputError as err:
+            raise InputError(f"cameras[{i}] ({camera.id}): {err}") from None
     log.info("model %s loaded on %s/%s (backend %s%s%s), %d class set(s) cached in %.1fs", model_dir, engine.device,
              engine.dtype, engine.backend, ", compiled" if engine.compile else "",
              ", CUDA graphs" if engine.cuda_graphs else "", len(class_sets), time.monotonic() - started)
@@ -235,7 +238,7 @@ def run_worker(config: DaemonConfig, stop: StopFlag, name: str = "worker.0", rem
     try:
         try:
             segmenter, class_sets = load_segmenter(config, log)
-        except (ModelLoadError, SettingsError) as err:
+        except (ModelLoadError, SettingsError, InputError) as err:
             log.critical("worker %s cannot start with this configuration: %s", name, err)
             return EX_CONFIG
         worker = Worker(config, name, segmenter, class_sets, metrics, heartbeat, log)
