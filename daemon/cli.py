@@ -31,12 +31,21 @@ def _config(args: argparse.Namespace) -> DaemonConfig:
     return load_config(args.config)
 
 
-def _role(body: Callable[[DaemonConfig, argparse.Namespace, Any], int]) -> Callable[[argparse.Namespace], int]:
-    """Wrap a role body: load config, set up logging and SIGTERM handling."""
+def _role(body: Callable[[DaemonConfig, argparse.Namespace, Any], int], owns_state: bool = True
+          ) -> Callable[[argparse.Namespace], int]:
+    """Wrap a role body: load config, take the state dir's lock (roles that bind sockets or write
+    state), set up logging and SIGTERM/SIGHUP handling."""
     def run(args: argparse.Namespace) -> int:
         from daemon.role import StopFlag, setup_logging
+        from daemon.state_lock import StateDirInUse, acquire
 
         config = _config(args)
+        if owns_state:
+            try:
+                acquire(config.state_path)
+            except StateDirInUse as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
         setup_logging(config.log_level)
         return body(config, args, StopFlag().install())
     return run
@@ -220,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", default="worker.0", help="name in logs and metrics")
     worker.add_argument("--remote", action="store_true",
                         help="connect over TCP with CurveZMQ to the host in sockets.remote (a worker on another host)")
-    worker.set_defaults(func=_role(cmd_worker))
+    worker.set_defaults(func=_role(cmd_worker, owns_state=False))
 
     with_config("publish", "run the publisher role").set_defaults(func=_role(cmd_publish))
     with_config("record", "run the recorder role").set_defaults(func=_role(cmd_record))

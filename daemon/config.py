@@ -23,7 +23,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       StrictStr, TypeAdapter, ValidationError, WithJsonSchema, field_validator, model_validator)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from daemon.sinks.config import SinkConfig, SinkConfigError, check_sinks, sink_models
+from daemon.sinks.config import MAX_SINKS, SinkConfig, SinkConfigError, check_sinks, sink_models
 from engine.errors import EngineError
 from engine.settings import DEFAULT_BG_CONTEXT, IsegSettings
 
@@ -251,6 +251,8 @@ class RecorderConfig(Section):
     retention_days: Annotated[StrictFloat, Field(gt=0, le=36_500)] = 30.0
     min_free_mb: Annotated[StrictFloat, Field(ge=0, le=1_000_000_000_000)] = 1024.0
     retention_check_s: Seconds = 30.0
+    keep_recent_h: Annotated[StrictFloat, Field(ge=0, le=87_600)] = 24.0
+    delete_confirmed: StrictBool = False
     jpeg_quality: Annotated[StrictInt, Field(ge=1, le=100)] = 85
 
 
@@ -362,7 +364,7 @@ class DaemonConfig(Section):
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     limits: LimitsConfig = LimitsConfig()
-    sinks: tuple[SinkConfig, ...] = ()
+    sinks: Annotated[tuple[SinkConfig, ...], Field(max_length=MAX_SINKS)] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _path: str = PrivateAttr("")

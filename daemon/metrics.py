@@ -21,7 +21,6 @@ HELP = {
     "iseg_capture_connected": "1 while the camera source is open.",
     "iseg_worker_frames_total": "Frames segmented by a worker.",
     "iseg_worker_failed_frames_total": "Frames a worker could not segment (logged, skipped).",
-    "iseg_worker_bad_messages_total": "Messages a worker rejected as malformed.",
     "iseg_worker_batches_total": "Engine batches run.",
     "iseg_inference_ms": "Engine milliseconds per frame.",
     "iseg_worker_ready": "1 once the model is loaded and every class set's embedding is cached.",
@@ -42,7 +41,13 @@ HELP = {
     "iseg_sink_failures_total": "Failed delivery attempts (including alerts dead-lettered).",
     "iseg_sink_lag_seconds": "Age of the oldest alert a sink has not delivered yet (0 when caught up).",
     "iseg_sink_dead_letters": "Alerts a receiver refused for good, kept for `iseg sinks resend`.",
-    "iseg_role_up": "1 while the role's process runs and its heartbeat is fresh.",
+    "iseg_rejected_messages_total": "Messages a role rejected at its socket boundary, by socket and reason.",
+    "iseg_alerts_pending": "Alerts published but held in memory because the alert store cannot be written.",
+    "iseg_alert_store_errors_total": "Failed writes to the alert store (full disk, SQLite error).",
+    "iseg_alerts_unstored_total": "Alerts published but never stored (memory hold was full).",
+    "iseg_publisher_state_errors_total": "Failed saves of the publisher's restart state (cooldowns, sequences).",
+    "iseg_role_degraded": "1 while a role runs but cannot do its job (e.g. disk full); its reason is in /stats.",
+    "iseg_role_up": "1 while the role's process runs, its heartbeat is fresh and it is not degraded.",
     "iseg_role_restarts_total": "Times the supervisor restarted a role.",
 }
 

@@ -20,11 +20,12 @@ import zmq
 
 from daemon.calibration import thresholds_for
 from daemon.config import DaemonConfig
+from daemon.messages import MAX_FRAME_PIXELS, Boundary, Rejected, Rejections
 from daemon.metrics import Registry
 from daemon.model_setup import ensure_model
 from daemon.role import EX_CONFIG, Heartbeat, StopFlag
 from daemon.security import connect_curve_client, stop_authenticators
-from daemon.wire import Message, WireError, array_header, frame_from, now, recv, send
+from daemon.wire import array_header, now, send
 from engine.errors import InputError, ModelLoadError, SettingsError
 
 IDLE_DRAIN_S = 0.3
@@ -76,6 +77,7 @@ def connect_sockets(ctx: zmq.Context, config: DaemonConfig, remote: bool) -> tup
     """PULL from every camera, PUSH to the publisher; over Curve TCP when `remote`."""
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, config.sockets.frames_hwm)
+    pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_PIXELS * 3 + 65536)
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, config.sockets.results_hwm)
     push.setsockopt(zmq.SNDTIMEO, 5000)
@@ -111,6 +113,8 @@ class Worker:
         self.metrics = metrics
         self.heartbeat = heartbeat
         self.log = log
+        self.boundary = Boundary.from_config(config)
+        self.rejections = Rejections(metrics, name, log)
         self.thresholds = {}
         for camera in config.cameras:
             chosen = thresholds_for(config, camera)
@@ -118,12 +122,12 @@ class Worker:
             log.info("camera %s thresholds: %s", camera.id,
                      ", ".join(f"{n}={v:.3f} ({src})" for n, (v, src) in chosen.items()))
 
-    def decode(self, message: Message) -> PendingFrame:
-        """Check a frame message; WireError when malformed or from an unknown camera."""
-        frame = frame_from(message)
-        if message.header["camera"] not in self.class_sets:
-            raise WireError(f"frame from unknown camera {message.header['camera']!r}")
-        return PendingFrame(message.header, frame)
+    def decode(self, frames: list[Any]) -> PendingFrame:
+        """Check a raw frame message against its schema (Rejected when it fails)."""
+        frame = self.boundary.frame(frames)
+        if frame.camera not in self.class_sets:
+            raise Rejected("camera", f"camera {frame.camera!r} has no class set in this worker")
+        return PendingFrame(frame.header(), frame.image)
 
     def collect(self, pull: zmq.Socket, stop: StopFlag, draining: bool) -> list[PendingFrame]:
         """Up to batch_size frames: wait for the first, then at most max_wait_ms for the rest."""
@@ -141,10 +145,9 @@ class Worker:
                     self.heartbeat.progress()
                 continue
             try:
-                batch.append(self.decode(recv(pull)))
-            except WireError as err:
-                self.metrics.inc("iseg_worker_bad_messages_total", worker=self.name)
-                self.log.warning("rejected a malformed frame message: %s", err)
+                batch.append(self.decode(pull.recv_multipart(copy=False)))
+            except Rejected as err:
+                self.rejections.count("frames", err)
                 continue
             if deadline is None:
                 deadline = time.monotonic() + self.config.worker.max_wait_ms / 1000
@@ -152,8 +155,6 @@ class Worker:
 
     def run_batch(self, batch: list[PendingFrame]) -> list[tuple[PendingFrame, Any, str]]:
         """Segment a batch; if it fails, frame by frame so one bad frame fails alone."""
-        from engine.errors import EngineError
-
         sets = [self.class_sets[p.header["camera"]] for p in batch]
         if self.heartbeat:
             self.heartbeat.busy(True)
@@ -162,7 +163,7 @@ class Worker:
                 results = self.segmenter.segment([p.frame for p in batch], sets, keep_maps=False)
                 self.metrics.inc("iseg_worker_batches_total", worker=self.name)
                 return [(p, r, "") for p, r in zip(batch, results)]
-            except (EngineError, RuntimeError, ValueError) as err:
+            except Exception as err:  # noqa: BLE001 (a frame the engine cannot take fails alone, never the worker)
                 if len(batch) == 1:
                     return [(batch[0], None, f"{type(err).__name__}: {err}")]
             outcomes = []
@@ -170,7 +171,7 @@ class Worker:
                 try:
                     outcomes.append((pending, self.segmenter.segment([pending.frame], class_set, keep_maps=False)[0], ""))
                     self.metrics.inc("iseg_worker_batches_total", worker=self.name)
-                except (EngineError, RuntimeError, ValueError) as err:
+                except Exception as err:  # noqa: BLE001
                     outcomes.append((pending, None, f"{type(err).__name__}: {err}"))
             return outcomes
         finally:
@@ -246,6 +247,7 @@ def run_worker(config: DaemonConfig, stop: StopFlag, name: str = "worker.0", rem
         log.info("worker %s (pid %d) ready: batch %d, max wait %.0f ms, on %s", name, os.getpid(),
                  config.worker.batch_size, config.worker.max_wait_ms, ", ".join(endpoints))
         metrics.set("iseg_worker_ready", 1, worker=name)
+        heartbeat.progress()  # loading took long; without this the first "ready" heartbeat looks like a stuck loop
         heartbeat.update(ready=True, backend=segmenter.backend.name, cuda_graphs=segmenter.torch_backend.cuda_graphs)
         worker.loop(pull, push, stop)
         log.info("worker %s stopped (%s)", name, stop.signal_name or "done")

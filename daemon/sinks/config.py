@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_core import PydanticCustomError
 
 SINK_TYPES = ("mqtt", "webhook", "modbus")
+MAX_SINKS = 12
+"""Each sink's live state takes 5 of the 64 keys a role's heartbeat may carry."""
 
 
 class SinkConfigError(ValueError):

@@ -16,6 +16,8 @@ resent); and the daemon's instance id, half of every idempotency key.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -23,46 +25,71 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.database import open_database
+
 ALERTS_FILE = "alerts.sqlite3"
 SINKS_FILE = "sinks.sqlite3"
 
 
 class AlertReader:
-    """Read-only view of the alert store; never writes, never blocks the publisher."""
+    """Read-only view of the alert store; never writes, never blocks the publisher.
+
+    A store the publisher moved aside (corrupt) and restarted is a new file: the reader
+    notices the changed inode and reopens. An unreadable store reads as empty for now
+    (`error` says why); the cursor stays where it is, so nothing is skipped.
+    """
 
     def __init__(self, state_path: Path) -> None:
         self.path = state_path / ALERTS_FILE
         self.db: sqlite3.Connection | None = None
+        self.inode: int | None = None
+        self.error = ""
 
     def _connect(self) -> sqlite3.Connection | None:
-        if self.db is None and self.path.exists():
+        try:
+            inode = os.stat(self.path).st_ino
+        except OSError:
+            self.close()
+            return None
+        if self.db is not None and inode != self.inode:
+            self.close()
+        if self.db is None:
             try:
-                db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10.0, check_same_thread=False)
+                db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10.0)
                 db.execute("SELECT 1 FROM alerts LIMIT 1")
-            except sqlite3.OperationalError:
+            except sqlite3.Error as err:
+                self.error = f"alert store {self.path}: {err}"
                 return None
-            self.db = db
+            self.db, self.inode, self.error = db, inode, ""
         return self.db
 
-    def after(self, alert_id: int, limit: int = 100) -> list[dict[str, Any]]:
-        """Stored alerts with id > alert_id, oldest first ([] while the store does not exist yet)."""
+    def _query(self, sql: str, args: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         db = self._connect()
         if db is None:
             return []
-        rows = db.execute("SELECT id, body FROM alerts WHERE id > ? ORDER BY id LIMIT ?", (alert_id, limit)).fetchall()
+        try:
+            return db.execute(sql, args).fetchall()
+        except sqlite3.Error as err:
+            self.error = f"alert store {self.path}: {err}"
+            self.close()
+            return []
+
+    def after(self, alert_id: int, limit: int = 100) -> list[dict[str, Any]]:
+        """Stored alerts with id > alert_id, oldest first ([] while the store does not exist yet)."""
         out = []
-        for row_id, body in rows:
-            alert = json.loads(body) if body else {}
+        for row_id, body in self._query("SELECT id, body FROM alerts WHERE id > ? ORDER BY id LIMIT ?", (alert_id, limit)):
+            try:
+                alert = json.loads(body) if body else {}
+            except ValueError:
+                alert = {"body_error": "stored body is not JSON"}
             alert["id"] = int(row_id)
             out.append(alert)
         return out
 
     def last_id(self) -> int:
         """Highest stored alert id (0 when none or no store yet)."""
-        db = self._connect()
-        if db is None:
-            return 0
-        return int(db.execute("SELECT COALESCE(MAX(id), 0) FROM alerts").fetchone()[0])
+        rows = self._query("SELECT COALESCE(MAX(id), 0) FROM alerts", ())
+        return int(rows[0][0]) if rows else 0
 
     def close(self) -> None:
         """Close the connection."""
@@ -85,22 +112,25 @@ class CursorStore:
 
     def __init__(self, state_path: Path) -> None:
         state_path.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(state_path / SINKS_FILE), timeout=10.0)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db = open_database(state_path / SINKS_FILE, self._setup, logging.getLogger("iseg.sinks"))
+
+    @staticmethod
+    def _setup(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a power cut may roll back the last cursor moves, which resends
         # (at-least-once), never skips.
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        with self.db:
-            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            self.db.execute("CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, alert_id INTEGER NOT NULL, "
-                            "delivered INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL DEFAULT 0, "
-                            "state TEXT NOT NULL DEFAULT '', last_error TEXT NOT NULL DEFAULT '', "
-                            "last_error_ts REAL, updated_ts REAL)")
-            self.db.execute("CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                            "sink TEXT NOT NULL, alert_id INTEGER NOT NULL, ts REAL NOT NULL, error TEXT NOT NULL, "
-                            "resolved_ts REAL)")
-            self.db.execute("CREATE INDEX IF NOT EXISTS dead_by_sink ON dead_letters (sink, alert_id)")
-            self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('instance', ?)", (uuid.uuid4().hex,))
+        db.execute("PRAGMA synchronous=NORMAL")
+        with db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            db.execute("CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, alert_id INTEGER NOT NULL, "
+                       "delivered INTEGER NOT NULL DEFAULT 0, generation INTEGER NOT NULL DEFAULT 0, "
+                       "state TEXT NOT NULL DEFAULT '', last_error TEXT NOT NULL DEFAULT '', "
+                       "last_error_ts REAL, updated_ts REAL)")
+            db.execute("CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                       "sink TEXT NOT NULL, alert_id INTEGER NOT NULL, ts REAL NOT NULL, error TEXT NOT NULL, "
+                       "resolved_ts REAL)")
+            db.execute("CREATE INDEX IF NOT EXISTS dead_by_sink ON dead_letters (sink, alert_id)")
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('instance', ?)", (uuid.uuid4().hex,))
 
     def instance_id(self) -> str:
         """This state directory's daemon instance id (stable across restarts)."""

@@ -21,6 +21,7 @@ from daemon.sinks.delivery import Sink, SinkContext
 from daemon.sinks.inspection import InspectionMonitor
 from daemon.sinks.outbox import CursorStore
 from daemon.sinks.runner import SinkRunner
+from daemon.sinks.status import heartbeat_fields
 
 STOP_JOIN_S = 10.0
 
@@ -87,7 +88,7 @@ def run_sinks(config: DaemonConfig, stop: StopFlag) -> int:
     try:
         while not stop.stopping:
             heartbeat.progress()
-            heartbeat.update(ready=True, sinks=status())
+            heartbeat.update(ready=True, **heartbeat_fields(status()))
             broken = [r for r in runners if not r.alive]
             if broken:
                 log.error("sink runner %s ended on an unexpected error; restarting the role", broken[0].name)
@@ -98,7 +99,7 @@ def run_sinks(config: DaemonConfig, stop: StopFlag) -> int:
         stop.event.set()
         for runner in runners:
             runner.join(STOP_JOIN_S)
-        heartbeat.update(sinks=status())
+        heartbeat.update(**heartbeat_fields(status()))
         monitor.stop()
         heartbeat.stop()
         ctx.term()

@@ -1,4 +1,8 @@
-"""The `sinks` part of the supervisor's /stats: per sink, totals across restarts plus live state."""
+"""The sinks role's live state in its heartbeat, and the `sinks` part of the supervisor's /stats.
+
+Heartbeat state is flat (scalars only, at most 64 keys, checked by the supervisor), so each
+sink's snapshot travels as `sink.<name>.<field>` keys.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,20 @@ from typing import Any, Iterable
 
 from daemon.metrics import parse_labels
 
+LIVE_FIELDS = ("state", "last_error", "lag_seconds", "cursor", "dead_letters")
+MAX_ERROR_CHARS = 500
 COUNTERS = {"iseg_sink_delivered_total": "delivered", "iseg_sink_retries_total": "retries",
             "iseg_sink_failures_total": "failures"}
+
+
+def heartbeat_fields(snapshots: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Flat heartbeat state for the sinks' snapshots."""
+    out: dict[str, Any] = {}
+    for name, snapshot in snapshots.items():
+        for field in LIVE_FIELDS:
+            value = snapshot.get(field)
+            out[f"sink.{name}.{field}"] = value[:MAX_ERROR_CHARS] if isinstance(value, str) else value
+    return out
 
 
 def sink_stats(merged: dict[str, Any], heartbeats: Iterable[dict[str, Any] | None], sinks: Iterable[Any]) -> dict[str, Any]:
@@ -24,9 +40,8 @@ def sink_stats(merged: dict[str, Any], heartbeats: Iterable[dict[str, Any] | Non
             if name in out:
                 out[name][key] = int(value)
     for heartbeat in heartbeats:
-        live = ((heartbeat or {}).get("state") or {}).get("sinks") or {}
-        for name, snapshot in live.items():
-            if name in out:
-                out[name].update({k: snapshot.get(k) for k in ("lag_seconds", "last_error", "state", "cursor",
-                                                              "dead_letters")})
+        state = (heartbeat or {}).get("state") or {}
+        for name, entry in out.items():
+            if f"sink.{name}.state" in state:
+                entry.update({field: state.get(f"sink.{name}.{field}") for field in LIVE_FIELDS})
     return out
