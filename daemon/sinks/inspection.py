@@ -6,7 +6,8 @@ the same way â€” no more `mask.<camera>` results on the publisher's PUB socket â
 sinks role subscribes to those (small PNG label maps) and calls a camera inspected
 while its last result is younger than a gap. This needs no trust in any role's own
 report, works on a split host, and fails safe: if this process dies, nobody toggles.
-The publisher's `stats` topic is kept for the MQTT stats message.
+The publisher's `stats` topic is kept for the MQTT stats message, and each `alert.`
+message wakes the sink runners at once (they still read the alert itself from the store).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class InspectionMonitor:
         self.endpoint = endpoint
         self.last_frame: dict[str, float] = {}
         self.publisher_stats: dict[str, Any] | None = None
+        self.wakers: list[threading.Event] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="inspection-monitor", daemon=True)
 
@@ -42,6 +44,7 @@ class InspectionMonitor:
         sub.setsockopt(zmq.RCVHWM, 100)
         sub.setsockopt(zmq.SUBSCRIBE, b"mask.")
         sub.setsockopt(zmq.SUBSCRIBE, b"stats")
+        sub.setsockopt(zmq.SUBSCRIBE, b"alert.")
         sub.connect(self.endpoint)
         try:
             while not self._stop.is_set():
@@ -57,6 +60,9 @@ class InspectionMonitor:
                         self.last_frame[camera] = time.monotonic()
                 elif message.topic == "stats":
                     self.publisher_stats = message.header
+                elif message.topic.startswith("alert."):
+                    for event in self.wakers:
+                        event.set()
         finally:
             sub.close()
 

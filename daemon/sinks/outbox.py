@@ -6,7 +6,10 @@ is published, with an increasing id. A sink never reads the PUB socket; it reads
 only after the receiver acknowledged (or the alert was dead-lettered), so a crash or
 restart resends at most the alert in hand — at-least-once, in id order.
 
-`sinks.sqlite3` (next to the alert store) holds per sink: the cursor, how many alerts
+On a host without the alert store (a split host with its own state directory) the same
+reads go through the publisher's replay socket, which answers from the store by id.
+
+`sinks.sqlite3` (in the sinks role's state directory) holds per sink: the cursor, how many alerts
 were delivered (the Modbus counter is derived from it, so a resend writes the same
 value), a generation bumped by `iseg sinks resend` so a running role notices the
 rewind, the last error and state for `iseg sinks status`; the dead letters (kept until
@@ -24,6 +27,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import zmq
 
 from daemon.database import open_database
 
@@ -96,6 +101,93 @@ class AlertReader:
         if self.db is not None:
             self.db.close()
             self.db = None
+
+
+class ReplayReader:
+    """The same view through the publisher's replay socket, for a sinks role on another host.
+
+    Answers come from the publisher's alert store by id, like the local reader's; no answer
+    within `timeout_s` (publisher down) reads as empty for now and the socket is renewed.
+    """
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = 2.0) -> None:
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.sock: zmq.Socket | None = None
+        self.error = ""
+
+    def _ask(self, since: int, limit: int) -> dict[str, Any] | None:
+        if self.sock is None:
+            self.sock = self.ctx.socket(zmq.REQ)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.connect(self.endpoint)
+        self.sock.send(json.dumps({"since": since, "limit": limit}).encode())
+        if not self.sock.poll(int(self.timeout_s * 1000)):
+            self.error = f"no answer from the publisher's replay socket {self.endpoint} within {self.timeout_s:g}s"
+            self.close()
+            return None
+        try:
+            answer = json.loads(self.sock.recv())
+        except ValueError:
+            answer = {"ok": False, "error": "answer is not JSON"}
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            self.error = f"replay socket {self.endpoint}: {answer.get('error') if isinstance(answer, dict) else answer}"
+            return None
+        self.error = ""
+        return answer
+
+    def after(self, alert_id: int, limit: int = 100) -> list[dict[str, Any]]:
+        """Stored alerts with id > alert_id, oldest first ([] when the publisher does not answer)."""
+        answer = self._ask(alert_id, limit)
+        return [a for a in answer.get("alerts", []) if isinstance(a, dict) and isinstance(a.get("id"), int)] \
+            if answer else []
+
+    def last_id(self) -> int:
+        """Highest stored alert id the publisher reports (0 when it does not answer)."""
+        answer = self._ask(0, 1)
+        return int(answer.get("last_id", 0)) if answer else 0
+
+    def close(self) -> None:
+        """Close the socket."""
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None
+
+
+class AlertSource:
+    """The local alert store when this host has it, else the publisher's replay socket (split host)."""
+
+    def __init__(self, state_path: Path, ctx: zmq.Context | None = None, replay_endpoint: str | None = None) -> None:
+        self.local = AlertReader(state_path)
+        self.remote = ReplayReader(ctx, replay_endpoint) if ctx is not None and replay_endpoint else None
+
+    def _reader(self) -> AlertReader | ReplayReader:
+        return self.remote if self.remote is not None and not self.local.path.exists() else self.local
+
+    @property
+    def remote_now(self) -> bool:
+        """True while reads go to the publisher's replay socket."""
+        return self._reader() is self.remote
+
+    @property
+    def error(self) -> str:
+        """Why the last read came back empty, if it failed."""
+        return self._reader().error
+
+    def after(self, alert_id: int, limit: int = 100) -> list[dict[str, Any]]:
+        """Stored alerts with id > alert_id, oldest first."""
+        return self._reader().after(alert_id, limit)
+
+    def last_id(self) -> int:
+        """Highest stored alert id."""
+        return self._reader().last_id()
+
+    def close(self) -> None:
+        """Close both."""
+        self.local.close()
+        if self.remote is not None:
+            self.remote.close()
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The `sinks` role: one runner thread per configured sink, a heartbeat to the supervisor.
 
-Started by `iseg run` when the config has sinks, or alone with `iseg sinks --config F`
-on a host that shares the state directory. Its heartbeat state carries each sink's
+Started by `iseg run` when the config has sinks, or alone with `iseg sinks --config F`;
+alone on another host it has its own state directory (cursors) and reads alerts through
+the publisher's replay socket and frame results through its PUB socket (sockets.replay,
+sockets.publish set to tcp:// endpoints the publisher binds). Its heartbeat state carries each sink's
 snapshot (state, lag, last error, counters) for `/stats`; its metrics registry feeds
 `/metrics`.
 """
@@ -79,10 +81,12 @@ def run_sinks(config: DaemonConfig, stop: StopFlag) -> int:
 
     for sink_config in config.sinks:
         context = sink_context(config, instance, sink_config.name, monitor, status)
-        runners.append(SinkRunner(build_sink(sink_config, context), config.state_path, instance, metrics, stop.event))
+        runners.append(SinkRunner(build_sink(sink_config, context), config.state_path, instance, metrics, stop.event,
+                                  ctx, config.endpoint("replay")))
     log.info("delivering alerts from %s to %d sink(s): %s (instance %s)", config.state_path / "alerts.sqlite3",
              len(runners), ", ".join(f"{r.name} ({r.config.type})" for r in runners), instance)
     for runner in runners:
+        monitor.wakers.append(runner.wake)
         runner.start()
     code = 0
     try:
@@ -97,6 +101,8 @@ def run_sinks(config: DaemonConfig, stop: StopFlag) -> int:
             stop.wait(0.2)
     finally:
         stop.event.set()
+        for runner in runners:
+            runner.wake.set()
         for runner in runners:
             runner.join(STOP_JOIN_S)
         heartbeat.update(**heartbeat_fields(status()))

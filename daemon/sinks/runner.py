@@ -18,12 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from daemon.metrics import Registry
 from daemon.sinks.delivery import DeliveryError, Rejected, Sink, SinkSetupError
-from daemon.sinks.outbox import AlertReader, Cursor, CursorStore
+from daemon.sinks.outbox import AlertSource, Cursor, CursorStore
 
 STATES = ("ok", "degraded", "down")
 POLL_S = 0.05
+"""Idle re-read of the local alert store (a published alert wakes the runner sooner)."""
+REPLAY_POLL_S = 1.0
+"""Idle re-ask of the publisher's replay socket: rare, so its loop can go idle and stop when asked."""
 BATCH = 100
 
 
@@ -36,11 +41,14 @@ def backoff_s(failures: int, initial_s: float, max_s: float, rng: random.Random 
 class SinkRunner:
     """Delivers one sink's alerts; `snapshot()` is read by the role for heartbeats and /stats."""
 
-    def __init__(self, sink: Sink, state_path: Path, instance: str, metrics: Registry, stop: threading.Event) -> None:
+    def __init__(self, sink: Sink, state_path: Path, instance: str, metrics: Registry, stop: threading.Event,
+                 ctx: zmq.Context | None = None, replay_endpoint: str | None = None) -> None:
         self.sink = sink
         self.config = sink.config
         self.name = sink.name
         self.state_path = state_path
+        self.ctx = ctx
+        self.replay_endpoint = replay_endpoint
         self.instance = instance
         self.metrics = metrics
         self.stop = stop
@@ -55,6 +63,7 @@ class SinkRunner:
         self.breaker_until = 0.0
         self.counts = {"delivered": 0, "retries": 0, "failures": 0}
         self.failed: BaseException | None = None
+        self.wake = threading.Event()
         self.thread = threading.Thread(target=self._main, name=f"sink-{self.name}", daemon=True)
         self._publish_state("down")
         for counter in ("iseg_sink_delivered_total", "iseg_sink_retries_total", "iseg_sink_failures_total"):
@@ -113,7 +122,7 @@ class SinkRunner:
 
     def _main(self) -> None:
         store = CursorStore(self.state_path)
-        reader = AlertReader(self.state_path)
+        reader = AlertSource(self.state_path, self.ctx, self.replay_endpoint)
         try:
             self._start_sink(store)
             if not self.stop.is_set():
@@ -137,9 +146,14 @@ class SinkRunner:
                 self._set_state("down", str(err), store)
                 self.stop.wait(self.config.breaker_open_s)
 
-    def _loop(self, store: CursorStore, reader: AlertReader) -> None:
+    def _loop(self, store: CursorStore, reader: AlertSource) -> None:
         known = store.status(self.name) is not None
-        cursor = store.cursor(self.name, start_at=reader.last_id())
+        start_at = reader.last_id()
+        while not known and reader.error and not self.stop.is_set():
+            self._set_state("down", reader.error, None)  # a new sink starts after the store's last alert: ask again
+            self.stop.wait(1.0)
+            start_at = reader.last_id()
+        cursor = store.cursor(self.name, start_at=start_at)
         if known:
             self.log.info("sink %s resumes after alert %d", self.name, cursor.alert_id)
         elif cursor.alert_id:
@@ -165,10 +179,15 @@ class SinkRunner:
                 continue
             batch = reader.after(cursor.alert_id, BATCH)
             self._update_lag(batch)
+            if not batch and reader.error:
+                self._set_state("down", reader.error, store)
+                self.stop.wait(1.0)
+                continue
             if not batch:
                 if self.failures_in_row == 0:
                     self._set_state("ok", "", store)
-                self.stop.wait(POLL_S)
+                self.wake.wait(REPLAY_POLL_S if reader.remote_now else POLL_S)
+                self.wake.clear()
                 continue
             self._run_batch(batch, cursor, store)
 

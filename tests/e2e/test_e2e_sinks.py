@@ -320,3 +320,51 @@ def test_modbus_alert_pulses_and_heartbeat_follows_the_worker(tmp_path, make_con
         results.close()
         daemon.close()
         plc.close()
+
+
+@pytest.mark.slow
+def test_sinks_role_on_a_split_host_reads_through_the_replay_socket(tmp_path, make_config):
+    """`iseg sinks` with its own state directory (another host): alerts come from the publisher's
+    replay socket; a publisher outage is `down`, and what was stored meanwhile follows in order."""
+    receiver = HttpReceiver()
+    publisher_config = make_config({"worker": {"count": 0}}, name="line.yaml")
+    line_state = tmp_path / "state"
+    sinks_config = make_config({"worker": {"count": 0}, "state_dir": str(tmp_path / "sinks-host"),
+                                "sockets": {"run_dir": str(line_state / "run")},
+                                "sinks": [{"type": "webhook", "name": "hook", "url": receiver.url, **FAST_RETRY}]},
+                               name="sinks-host.yaml")
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("publisher", "sinks")}
+
+    def start(args: list[str], name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "daemon", *args], cwd=REPO, stdout=logs[name],
+                                stderr=subprocess.STDOUT)
+    publisher = start(["publish", "--config", str(publisher_config)], "publisher")
+    role = start(["sinks", "--config", str(sinks_config)], "sinks")
+    tail = lambda: "\n".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in logs)  # noqa: E731
+    feed = None
+    try:
+        wait_until(lambda: cursor_of(tmp_path / "sinks-host", "hook") is not None, 30, "the sink's cursor", tail)
+        assert not (tmp_path / "sinks-host" / "alerts.sqlite3").exists()
+        feed = AlertFeed(line_state)
+        wait_until(lambda: len(receiver.ids()) >= 5, 30, "alerts through the replay socket", tail)
+        publisher.send_signal(signal.SIGTERM)
+        assert publisher.wait(20) == 0, tail()
+        wait_until(lambda: (cursor_of(tmp_path / "sinks-host", "hook") or {}).get("state") == "down", 20,
+                   "the sink down while the publisher is", tail)
+        time.sleep(1.0)
+        stored = feed.stop()
+        feed = None
+        publisher = start(["publish", "--config", str(publisher_config)], "publisher")
+        wait_until(lambda: set(receiver.ids()) >= set(stored), 30, "the alerts stored during the outage", tail)
+        assert first_arrivals(receiver.ids()) == sorted(stored)
+        assert "replay socket" in (cursor_of(tmp_path / "sinks-host", "hook") or {}).get("last_error", "")
+    finally:
+        if feed is not None:
+            feed.stop()
+        for proc in (role, publisher):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(20)
+        for log in logs.values():
+            log.close()
+        receiver.close()
