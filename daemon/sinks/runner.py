@@ -171,7 +171,7 @@ class SinkRunner:
             if problem:
                 self._update_lag(reader.after(cursor.alert_id, 1))
                 self._set_state("down", problem, store)
-                self.stop.wait(0.2)
+                self.stop.wait(REPLAY_POLL_S if reader.remote_now else 0.2)
                 continue
             wait = max(self.next_attempt, self.breaker_until) - time.monotonic()
             if wait > 0:
