@@ -156,11 +156,17 @@ class ReplayReader:
 
 
 class AlertSource:
-    """The local alert store when this host has it, else the publisher's replay socket (split host)."""
+    """The local alert store, or the publisher's replay socket on a split host.
+
+    A split host reaches the publisher over tcp://; with an ipc:// replay endpoint the
+    publisher runs on this host and its store is local (a store not created yet reads as
+    empty). So: tcp:// and no local store → replay socket; otherwise the local file.
+    """
 
     def __init__(self, state_path: Path, ctx: zmq.Context | None = None, replay_endpoint: str | None = None) -> None:
         self.local = AlertReader(state_path)
-        self.remote = ReplayReader(ctx, replay_endpoint) if ctx is not None and replay_endpoint else None
+        remote = ctx is not None and bool(replay_endpoint) and str(replay_endpoint).startswith("tcp://")
+        self.remote = ReplayReader(ctx, str(replay_endpoint)) if remote else None
 
     def _reader(self) -> AlertReader | ReplayReader:
         return self.remote if self.remote is not None and not self.local.path.exists() else self.local

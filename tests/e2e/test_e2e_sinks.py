@@ -327,10 +327,11 @@ def test_sinks_role_on_a_split_host_reads_through_the_replay_socket(tmp_path, ma
     """`iseg sinks` with its own state directory (another host): alerts come from the publisher's
     replay socket; a publisher outage is `down`, and what was stored meanwhile follows in order."""
     receiver = HttpReceiver()
-    publisher_config = make_config({"worker": {"count": 0}}, name="line.yaml")
+    line_sockets = {"publish": f"tcp://127.0.0.1:{free_port()}", "replay": f"tcp://127.0.0.1:{free_port()}"}
+    publisher_config = make_config({"worker": {"count": 0}, "sockets": line_sockets}, name="line.yaml")
     line_state = tmp_path / "state"
     sinks_config = make_config({"worker": {"count": 0}, "state_dir": str(tmp_path / "sinks-host"),
-                                "sockets": {"run_dir": str(line_state / "run")},
+                                "sockets": line_sockets,
                                 "sinks": [{"type": "webhook", "name": "hook", "url": receiver.url, **FAST_RETRY}]},
                                name="sinks-host.yaml")
     logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("publisher", "sinks")}
