@@ -48,13 +48,13 @@ def sink_config(**extra):
                        "retry_max_s": 0.05, "breaker_failures": 3, "breaker_open_s": 0.3, **extra}, 0)
 
 
-def wait(predicate, timeout=10.0):
+def wait(predicate, timeout=10.0, show=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(0.01)
-    raise AssertionError("condition not reached")
+    raise AssertionError(f"condition not reached {show()}")
 
 
 @pytest.fixture
@@ -135,9 +135,9 @@ def test_filters_skip_without_delivery(world):
     run, add, _ = world
     sink = ScriptedSink(sink_config(cameras=["a"], min_presence=0.5))
     runner = run(sink)
-    add(camera="b"), add(presence=0.1), add(), add(camera="b")
-    wait(lambda: runner.cursor_id == 4)
-    assert [d[0] for d in sink.delivered] == [3]
+    ids = [add(camera="b"), add(presence=0.1), add(), add(camera="b")]
+    wait(lambda: runner.cursor_id == ids[-1], show=lambda: f"ids {ids} runner {runner.snapshot()} {sink.attempts}")
+    assert [d[0] for d in sink.delivered] == [ids[2]]
 
 
 def test_a_connection_problem_means_down_and_no_attempts(world):
