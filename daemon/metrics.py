@@ -68,6 +68,7 @@ HELP = {
     "iseg_console_alerts_pushed_total": "Alerts the console pushed to its event streams.",
     "iseg_console_acks_total": "Alerts acknowledged in the console.",
     "iseg_console_verdicts_total": "Recording verdicts made in the console, by verdict.",
+    "iseg_sink_dead_letters": "Alerts a receiver refused for good, kept for `iseg sinks resend`.",
 }
 
 
