@@ -23,6 +23,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       TypeAdapter, ValidationError, WithJsonSchema, field_validator, model_validator)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from daemon.linestats.config import HealthConfig, ShiftConfig, StatsConfig, check_linestats, check_shifts
 from engine.errors import EngineError
 from engine.settings import DEFAULT_BG_CONTEXT, IsegSettings
 
@@ -132,6 +133,9 @@ class SyntheticSource(Section):
     height: Annotated[StrictInt, Field(ge=64, le=4096)] = 240
     defect_every: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 3
     corrupt_every: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 0
+    fault_cue: Optional[Annotated[Text, Field(min_length=1)]] = None
+    """A file whose content (freeze, blur, dark, or empty for none) switches a camera fault on, for
+    health demos and tests; read at most 4 times a second."""
 
 
 class CameraConfig(Section):
@@ -363,6 +367,9 @@ class DaemonConfig(Section):
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     limits: LimitsConfig = LimitsConfig()
+    shifts: Annotated[tuple[ShiftConfig, ...], Field(max_length=24)] = ()
+    stats: StatsConfig = StatsConfig()
+    health: HealthConfig = HealthConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _path: str = PrivateAttr("")
@@ -385,6 +392,8 @@ class DaemonConfig(Section):
                     raise _rule(f"cameras[{i}].tcp_port", f"{cam.tcp_port} is already used by another camera or "
                                 "sockets.remote.results_port; give each its own port")
                 ports.add(cam.tcp_port)
+        check_shifts(self.shifts)
+        check_linestats(self)
         return self
 
     @property

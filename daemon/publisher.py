@@ -19,6 +19,7 @@ import zmq
 
 from daemon.alerts import AlertStore, Debouncer
 from daemon.config import DaemonConfig
+from daemon.linestats.tap import LineTap
 from daemon.metrics import Registry
 from daemon.render import encode_jpeg, encode_png, overlay_rgb, regions
 from daemon.role import Heartbeat, StopFlag
@@ -64,6 +65,7 @@ class Publisher:
         self.latency: dict[str, list[float]] = {}
         self.session = f"{time.time():.6f}"
         self.flag_seq: dict[str, int] = {}
+        self.tap = LineTap(config, metrics, log)
 
     def handle(self, message: Message, pub: zmq.Socket) -> None:
         """One worker result → overlay, mask, maybe alert and flagged-frame messages."""
@@ -90,8 +92,11 @@ class Publisher:
         base = {"camera": camera, "seq": seq, "capture_ts": h["ts"], "published_ts": published_ts,
                 "latency_ms": latency_ms, "worker": h.get("worker"), "infer_ms": h.get("infer_ms")}
         alert_ids = []
-        for name in self.debouncer.update(camera, classes, flagged, float(h["ts"])):
-            alert = {**base, "class": name, "classes": {
+        firing = self.debouncer.update(camera, classes, flagged, float(h["ts"]))
+        self.tap.observe(camera, float(h["ts"]), presence, flagged, {c: info[c]["area_frac"] for c in classes}, firing,
+                         frame, h.get("worker"))
+        for name in firing:
+            alert = {**base, "kind": "defect", "class": name, "classes": {
                 c: {"presence": presence[c], "threshold": h["thresholds"][c], **info[c]} for c in flagged},
                 "frame_shape": list(frame.shape), "roi": roi}
             self.store.add(alert)
@@ -183,7 +188,11 @@ def run_publisher(config: DaemonConfig, stop: StopFlag) -> int:
                 rep.send(publisher.replay(rep.recv()))
             if pull in events:
                 try:
-                    publisher.handle(recv(pull), pub)
+                    message = recv(pull)
+                    if message.topic == "selftest":
+                        publisher.tap.self_test(message.header)
+                    else:
+                        publisher.handle(message, pub)
                 except (WireError, KeyError, TypeError, ValueError) as err:
                     metrics.inc("iseg_publisher_bad_messages_total")
                     log.warning("rejected a malformed result: %s", err)
@@ -191,12 +200,15 @@ def run_publisher(config: DaemonConfig, stop: StopFlag) -> int:
                     heartbeat.update(first_frame=True, first_frame_at=publisher.first_frame_at, published=publisher.published)
             elif draining and not events:
                 break
+            publisher.tap.tick(lambda topic, body: send(pub, topic, body), publisher.store.add)
             if time.monotonic() >= next_stats:
+                heartbeat.update(**publisher.tap.state())
                 send(pub, "stats", publisher.stats())
                 next_stats = time.monotonic() + STATS_INTERVAL_S
         log.info("publisher stopped after %d frames (%s)", publisher.published, stop.signal_name or "done")
     finally:
         heartbeat.stop()
+        publisher.tap.close()
         publisher.store.close()
         for sock in (pull, pub, rep):
             sock.close()
