@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from daemon.config import CameraConfig, ConfigError, DaemonConfig
+from daemon.config import CameraConfig, ConfigError, DaemonConfig, LimitsConfig
 
 
 def calibration_file(config: DaemonConfig, camera_id: str) -> Path:
@@ -85,11 +85,12 @@ def thresholds_for(config: DaemonConfig, camera: CameraConfig) -> dict[str, tupl
     return chosen
 
 
-def collect_frames(camera: CameraConfig, count: int, timeout_s: float = 120.0) -> list[np.ndarray]:
+def collect_frames(camera: CameraConfig, count: int, timeout_s: float = 120.0,
+                   max_pixels: int = LimitsConfig().max_image_pixels) -> list[np.ndarray]:
     """N frames straight from the camera (ROI applied), with the capture role's source readers."""
     from daemon.sources import SourceError, apply_roi, open_source
 
-    source = open_source(camera)
+    source = open_source(camera, max_pixels)
     source.open()
     frames: list[np.ndarray] = []
     deadline = time.monotonic() + timeout_s
@@ -109,10 +110,10 @@ def run_calibration(config: DaemonConfig, camera_id: str, count: int, report: An
     from daemon.worker import load_segmenter
 
     camera = config.camera(camera_id)
-    if count < 2:
-        raise ConfigError("--frames: calibrate on at least 2 known-good frames (hundreds are better)")
+    if not 2 <= count <= 100_000:
+        raise ConfigError("--frames: calibrate on 2..100000 known-good frames (hundreds are better)")
     segmenter, class_sets = load_segmenter(config, logging.getLogger("iseg.calibrate"))
-    frames = collect_frames(camera, count)
+    frames = collect_frames(camera, count, max_pixels=config.limits.max_image_pixels)
     scores = []
     step = config.worker.batch_size
     for start in range(0, len(frames), step):

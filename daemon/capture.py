@@ -64,7 +64,7 @@ def run_capture(config: DaemonConfig, camera_id: str, stop: StopFlag, max_frames
         while not stop.stopping and (max_frames is None or seq < max_frames):
             heartbeat.progress()
             if source is None:
-                candidate = open_source(camera)
+                candidate = open_source(camera, config.limits.max_image_pixels)
                 try:
                     candidate.open()
                 except SourceError as err:

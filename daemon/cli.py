@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -17,21 +18,33 @@ from typing import Any, Callable
 
 import zmq
 
-from daemon.config import ConfigError, DaemonConfig, load_config
+from daemon.config import ConfigError, DaemonConfig, config_json_schema, load_config
 from daemon.sources import SourceError
 from engine.errors import EngineError
+
+MAX_STORED_ID = 2**63 - 1
+"""SQLite's largest integer: no recording or alert id is larger, and a larger one would overflow the query."""
 
 
 def _config(args: argparse.Namespace) -> DaemonConfig:
     return load_config(args.config)
 
 
-def _role(body: Callable[[DaemonConfig, argparse.Namespace, Any], int]) -> Callable[[argparse.Namespace], int]:
-    """Wrap a role body: load config, set up logging and SIGTERM handling."""
+def _role(body: Callable[[DaemonConfig, argparse.Namespace, Any], int], owns_state: bool = True
+          ) -> Callable[[argparse.Namespace], int]:
+    """Wrap a role body: load config, take the state dir's lock (roles that bind sockets or write
+    state), set up logging and SIGTERM/SIGHUP handling."""
     def run(args: argparse.Namespace) -> int:
         from daemon.role import StopFlag, setup_logging
+        from daemon.state_lock import StateDirInUse, acquire
 
         config = _config(args)
+        if owns_state:
+            try:
+                acquire(config.state_path)
+            except StateDirInUse as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 1
         setup_logging(config.log_level)
         return body(config, args, StopFlag().install())
     return run
@@ -50,8 +63,13 @@ def cmd_capture(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> in
 
 
 def cmd_worker(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int:
+    from daemon.role import EX_CONFIG
     from daemon.worker import run_worker
 
+    if args.remote and config.sockets.remote is None:
+        print(f"error: worker --remote: {config.path} has no sockets.remote (host, results_port and the CurveZMQ "
+              "keys of the main host; see configs/line.example.yaml)", file=sys.stderr)
+        return EX_CONFIG
     return run_worker(config, stop, name=args.name, remote=args.remote)
 
 
@@ -71,16 +89,26 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     from daemon.role import StopFlag
     from daemon.subscribe import run_subscribe
 
+    if args.since is not None and not 0 <= args.since <= MAX_STORED_ID:
+        raise ConfigError(f"subscribe: --since {args.since} must be an alert id in 0..{MAX_STORED_ID}")
+    if args.count is not None and not 1 <= args.count <= MAX_STORED_ID:
+        raise ConfigError(f"subscribe: --count {args.count} must be in 1..{MAX_STORED_ID}")
     return run_subscribe(_config(args), args.topic or [], args.since, args.count, args.duration, StopFlag().install())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from daemon.model_setup import check_prompts
+
+    if args.schema:
+        print(json.dumps(config_json_schema(), indent=2))
+        return 0
     path = args.file or args.config
     if not path:
         raise ConfigError("validate-config: give the config file")
     config = load_config(path)
+    prompts = "prompts fit the tokenizer" if check_prompts(config) else "prompts not checked: no model there yet"
     print(f"{path}: OK ({len(config.cameras)} camera(s): {', '.join(c.id for c in config.cameras)}; "
-          f"model {config.model_path}; state {config.state_path})")
+          f"model {config.model_path}; state {config.state_path}; {prompts})")
     return 0
 
 
@@ -88,6 +116,10 @@ def cmd_review(args: argparse.Namespace) -> int:
     from daemon.recorder import RecordingStore
 
     config = _config(args)
+    if args.id is not None and not 1 <= args.id <= MAX_STORED_ID:
+        raise ConfigError(f"review {args.action}: {args.id} is not a recording id (ids are 1..{MAX_STORED_ID})")
+    if not 1 <= args.limit <= 1_000_000:
+        raise ConfigError(f"review list: --limit {args.limit} must be in 1..1000000")
     store = RecordingStore(config.state_path)
     try:
         if args.action == "list":
@@ -102,7 +134,11 @@ def cmd_review(args: argparse.Namespace) -> int:
         if args.id is None:
             raise ConfigError(f"review {args.action}: give the recording ID")
         if args.action == "show":
-            record = store.get(args.id)
+            try:
+                record = store.get(args.id)
+            except (ValueError, OSError) as err:
+                raise ConfigError(f"review show: recording {args.id}'s meta.json is unreadable "
+                                  f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
             if record is None:
                 raise ConfigError(f"review show: no recording {args.id}")
             print(json.dumps(record, indent=2))
@@ -154,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, help="stop after this many seconds")
     run.set_defaults(func=_role(cmd_run))
 
-    validate = sub.add_parser("validate-config", help="check a config; exit 0 when valid, 1 with a one-line error")
+    validate = sub.add_parser("validate-config", help="check a config (and, when the model is there, that every "
+                              "camera's prompt fits its tokenizer); exit 0 when valid, 1 with a one-line error")
     validate.add_argument("file", nargs="?")
     validate.add_argument("--config", help="the config (same as the positional FILE)")
+    validate.add_argument("--schema", action="store_true", help="print the config's JSON Schema and exit")
     validate.set_defaults(func=cmd_validate)
 
     capture = with_config("capture", "run one camera's capture role")
@@ -167,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", default="worker.0", help="name in logs and metrics")
     worker.add_argument("--remote", action="store_true",
                         help="connect over TCP with CurveZMQ to the host in sockets.remote (a worker on another host)")
-    worker.set_defaults(func=_role(cmd_worker))
+    worker.set_defaults(func=_role(cmd_worker, owns_state=False))
 
     with_config("publish", "run the publisher role").set_defaults(func=_role(cmd_publish))
     with_config("record", "run the recorder role").set_defaults(func=_role(cmd_record))
@@ -208,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, EngineError, SourceError, TimeoutError, OSError, zmq.ZMQError) as err:
+    except (ConfigError, EngineError, SourceError, TimeoutError, OSError, sqlite3.Error, zmq.ZMQError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

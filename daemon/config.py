@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, Mapping, Optional
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictFloat, StrictInt,
-                      TypeAdapter, ValidationError, WithJsonSchema, field_validator, model_validator)
+                      StrictStr, TypeAdapter, ValidationError, WithJsonSchema, field_validator, model_validator)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from daemon.linestats.config import HealthConfig, ShiftConfig, StatsConfig, check_linestats, check_shifts
@@ -56,8 +56,7 @@ def _expand_env(text: str) -> str:
         value = os.environ.get(name)
         if value is None:
             if default is None:
-                raise PydanticCustomError("config_rule", "{text}", {"config_key": "", "text": (
-                    f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")})
+                raise _rule("", f"environment variable {name} is not set (use ${{{name}:-default}} for a default)")
             return default
         return value
 
@@ -71,13 +70,13 @@ def _text(value: Any) -> Any:
     return _expand_env(value) if isinstance(value, str) else value
 
 
-Text = Annotated[str, BeforeValidator(_text), Field(max_length=4096)]
-Name = Annotated[str, BeforeValidator(_text), Field(min_length=1, max_length=200)]
+Text = Annotated[StrictStr, BeforeValidator(_text), Field(max_length=4096)]
+Name = Annotated[StrictStr, BeforeValidator(_text), Field(min_length=1, max_length=200)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 Seconds = Annotated[StrictFloat, Field(gt=0, le=86_400)]
 Score = Annotated[StrictFloat, Field(ge=0.0, le=1.0)]
 Hwm = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
-Pixels = Annotated[StrictInt, Field(ge=0, le=65_535)]
+Offset = Annotated[StrictInt, Field(ge=0, le=65_535)]
 Extent = Annotated[StrictInt, Field(ge=1, le=65_535)]
 
 
@@ -141,13 +140,13 @@ class SyntheticSource(Section):
 class CameraConfig(Section):
     """One camera: where frames come from, what to look for, and how sure to be."""
 
-    id: Annotated[str, BeforeValidator(_text), Field(json_schema_extra={"pattern": CAMERA_ID_PATTERN})]
+    id: Annotated[StrictStr, BeforeValidator(_text), Field(json_schema_extra={"pattern": CAMERA_ID_PATTERN})]
     source: Annotated[Text, Field(min_length=1)]
     fps: Annotated[StrictFloat, Field(gt=0, le=1000)] = 2.0
-    roi: Optional[tuple[Pixels, Pixels, Extent, Extent]] = None
+    roi: Optional[tuple[Offset, Offset, Extent, Extent]] = None
     classes: Annotated[tuple[Name, ...], Field(min_length=1, max_length=32)] = ("scratch", "dent")
     bg_context: Annotated[Text, Field(max_length=1000)] = DEFAULT_BG_CONTEXT
-    thresholds: dict[str, Score] = Field(default_factory=dict)
+    thresholds: dict[Name, Score] = Field(default_factory=dict)
     loop: StrictBool = True
     synthetic: SyntheticSource = SyntheticSource()
     open_timeout_s: Annotated[StrictFloat, Field(gt=0, le=3600)] = 5.0
@@ -161,9 +160,8 @@ class CameraConfig(Section):
     @classmethod
     def _safe_id(cls, value: str) -> str:
         if not re.fullmatch(CAMERA_ID_PATTERN, value):
-            raise PydanticCustomError("config_rule", "{text}", {"config_key": "", "text": (
-                f"{_show(value)} must start with a letter or digit and use only letters, digits, '-' and '_' "
-                "(at most 64 characters; it names topics and files)")})
+            raise _rule("", f"{_show(value)} must start with a letter or digit and use only letters, digits, '-' "
+                        "and '_' (at most 64 characters; it names topics and files)")
         return value
 
     @field_validator("source")
@@ -256,6 +254,8 @@ class RecorderConfig(Section):
     retention_days: Annotated[StrictFloat, Field(gt=0, le=36_500)] = 30.0
     min_free_mb: Annotated[StrictFloat, Field(ge=0, le=1_000_000_000_000)] = 1024.0
     retention_check_s: Seconds = 30.0
+    keep_recent_h: Annotated[StrictFloat, Field(ge=0, le=87_600)] = 24.0
+    delete_confirmed: StrictBool = False
     jpeg_quality: Annotated[StrictInt, Field(ge=1, le=100)] = 85
 
 
@@ -480,6 +480,8 @@ def _show(value: Any) -> str:
 def _key_path(loc: tuple[Any, ...]) -> str:
     path = ""
     for part in loc:
+        if part == "[key]":
+            continue
         if isinstance(part, int):
             path += f"[{part}]"
         else:

@@ -21,7 +21,6 @@ HELP = {
     "iseg_capture_connected": "1 while the camera source is open.",
     "iseg_worker_frames_total": "Frames segmented by a worker.",
     "iseg_worker_failed_frames_total": "Frames a worker could not segment (logged, skipped).",
-    "iseg_worker_bad_messages_total": "Messages a worker rejected as malformed.",
     "iseg_worker_batches_total": "Engine batches run.",
     "iseg_inference_ms": "Engine milliseconds per frame.",
     "iseg_worker_ready": "1 once the model is loaded and every class set's embedding is cached.",
@@ -36,7 +35,17 @@ HELP = {
     "iseg_recorder_write_errors_total": "Flagged frames whose write failed.",
     "iseg_recorder_deleted_total": "Recordings deleted by retention.",
     "iseg_recorder_missed_total": "Flagged frames the recorder never received (subscriber lag).",
-    "iseg_role_up": "1 while the role's process runs and its heartbeat is fresh.",
+    "iseg_rejected_messages_total": "Messages a role rejected at its socket boundary, by socket and reason.",
+    "iseg_alerts_pending": "Alerts published but held in memory because the alert store cannot be written.",
+    "iseg_alert_store_errors_total": "Failed writes to the alert store (full disk, SQLite error).",
+    "iseg_alerts_unstored_total": "Alerts published but never stored (memory hold was full).",
+    "iseg_publisher_state_errors_total": "Failed saves of the publisher's restart state (cooldowns, sequences).",
+    "iseg_role_degraded": "1 while a role runs but cannot do its job (e.g. disk full); its reason is in /stats.",
+    "iseg_camera_health_state": "1 for the camera's current health state (ok, frozen, defocus, exposure, "
+                                "presence_drift, unreliable), 0 for the others.",
+    "iseg_worker_self_tests_total": "Golden-sample self-tests run by a worker, by result (pass, fail).",
+    "iseg_linestats_dropped_frames_total": "Frames left out of the summary store because its writer fell behind.",
+    "iseg_role_up": "1 while the role's process runs, its heartbeat is fresh and it is not degraded.",
     "iseg_role_restarts_total": "Times the supervisor restarted a role.",
 }
 

@@ -1,8 +1,10 @@
-"""Makes sure the configured model folder exists before a worker loads it.
+"""Makes sure the configured model folder exists before a worker loads it, and that
+every camera's prompt fits its tokenizer.
 
 The demo config points at a tiny random-weight model that is built on first run; a
 file lock keeps two workers from building it at once, and the folder appears by
 rename only when complete, so a crash mid-build never leaves a half model behind.
+A folder that is there but is not a model is never replaced: it may be someone's data.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from daemon.config import DaemonConfig
-from engine.errors import ModelLoadError
+from daemon.config import ConfigError, DaemonConfig
+from engine.errors import InputError, ModelLoadError
 
 log = logging.getLogger("iseg.model")
 
@@ -27,6 +29,9 @@ def ensure_model(config: DaemonConfig) -> Path:
             raise ModelLoadError(f"engine.model_dir: {path} does not exist (the engine loads only local folders; "
                                  "set build_tiny_if_missing: true for the demo model)")
         return path
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ModelLoadError(f"engine.model_dir: {path} exists but holds no model_index.json; build_tiny_if_missing "
+                             "builds only into a missing or empty folder (move it away, or point model_dir elsewhere)")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -39,6 +44,39 @@ def ensure_model(config: DaemonConfig) -> Path:
         log.info("building the tiny demo model (random weights) in %s; this takes about a minute once", path)
         build_tiny_model(building, family="sd21", seed=0, progress=lambda line: log.info("%s", line))
         if path.exists():
-            shutil.rmtree(path)
+            path.rmdir()
         os.rename(building, path)
     return path
+
+
+def check_prompts(config: DaemonConfig) -> bool:
+    """Each camera's prompt must fit the model's tokenizer (75 tokens for CLIP), or the worker
+    could not start; only the tokenizer is loaded (a second, no weights). False when the model
+    folder has no tokenizer yet (nothing to check against)."""
+    folder = config.model_path / "tokenizer"
+    if not folder.is_dir():
+        return False
+    from transformers import CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    from engine.prompt import tokenize_prompt
+    from engine.results import ClassSet
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(config.model_path, subfolder="tokenizer", local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"engine.model_dir: the tokenizer in {folder} cannot be loaded "
+                             f"({str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__})") from None
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its "sequence longer than 77" warning would be a second line
+    try:
+        for i, camera in enumerate(config.cameras):
+            try:
+                tokenize_prompt(tokenizer, ClassSet(camera.classes, camera.bg_context))
+            except InputError as err:
+                message = str(err)
+                key_named = message.split(":", 1)[0] in ("classes", "bg_context")
+                raise ConfigError(f"cameras[{i}].{message}" if key_named else f"cameras[{i}].classes: {message}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    return True

@@ -9,8 +9,8 @@ reads nothing cannot slow the line; alerts it missed come back from the replay s
 
 from __future__ import annotations
 
-import json
 import logging
+import sqlite3
 import time
 from typing import Any
 
@@ -20,11 +20,13 @@ import zmq
 from daemon.alerts import AlertStore, Debouncer
 from daemon.config import DaemonConfig
 from daemon.linestats.tap import LineTap
+from daemon.messages import MAX_FRAME_PIXELS, Boundary, Rejected, Rejections, Result
 from daemon.metrics import Registry
+from daemon.publisher_state import PublisherState
 from daemon.render import encode_jpeg, encode_png, overlay_rgb, regions
 from daemon.role import Heartbeat, StopFlag
 from daemon.security import bind_curve_server, stop_authenticators
-from daemon.wire import Message, WireError, array_from, encode_header, now, recv, send
+from daemon.wire import encode_header, now, send
 
 IDLE_DRAIN_S = 0.3
 STATS_INTERVAL_S = 1.0
@@ -49,6 +51,18 @@ class SequenceTracker:
             return seq - top - 1
         return -1
 
+    def export(self) -> dict[str, Any]:
+        """Last session and sequence number per camera, as JSON."""
+        return {camera: {"session": session, "max_seq": self.max_seq[camera]} for camera, session in self.sessions.items()}
+
+    def restore(self, saved: Any, cameras: set[str]) -> None:
+        """Take back what `export` wrote, for configured cameras only."""
+        for camera, entry in (saved.items() if isinstance(saved, dict) else ()):
+            if camera in cameras and isinstance(entry, dict) and isinstance(entry.get("session"), str) \
+                    and type(entry.get("max_seq")) is int and entry["max_seq"] >= 0:
+                self.sessions[camera] = entry["session"]
+                self.max_seq[camera] = entry["max_seq"]
+
 
 class Publisher:
     """The result → topics logic, apart from process setup."""
@@ -57,62 +71,73 @@ class Publisher:
         self.config = config
         self.metrics = metrics
         self.log = log
-        self.store = AlertStore(config.state_path / "alerts.sqlite3")
+        self.boundary = Boundary.from_config(config)
+        self.rejections = Rejections(metrics, "publisher", log)
+        self.state = PublisherState(config.state_path / "publisher-state.json", log)
+        saved = self.state.load()
         self.debouncer = Debouncer(config.alerts.k, config.alerts.n, config.alerts.cooldown_s)
+        restored = self.debouncer.restore(saved.get("debounce"), self.boundary.classes)
         self.tracker = SequenceTracker()
+        self.tracker.restore(saved.get("sequences"), set(self.boundary.classes))
+        first_id = saved.get("next_alert_id")
+        self.store = AlertStore(config.state_path / "alerts.sqlite3", log,
+                                first_id=first_id if type(first_id) is int and first_id > 0 else 1)
+        if saved:
+            log.info("restored publisher state: cooldowns of %d class(es), sequence numbers of %d camera(s), "
+                     "next alert id %d", restored, len(self.tracker.sessions), self.store.next_id)
         self.published = 0
         self.first_frame_at: float | None = None
         self.latency: dict[str, list[float]] = {}
         self.session = f"{time.time():.6f}"
         self.flag_seq: dict[str, int] = {}
+        self._counted = {"store": 0, "unstored": 0, "state": 0}
         self.tap = LineTap(config, metrics, log)
 
-    def handle(self, message: Message, pub: zmq.Socket) -> None:
-        """One worker result → overlay, mask, maybe alert and flagged-frame messages."""
-        h = message.header
-        camera, seq = str(h["camera"]), int(h["seq"])
+    def handle(self, result: Result, pub: zmq.Socket) -> None:
+        """One checked worker result → overlay, mask, maybe alert and flagged-frame messages."""
+        camera, seq = result.camera, result.seq
         labels_c = {"camera": camera}
-        self.metrics.inc("iseg_publisher_gap_frames_total", self.tracker.gaps(camera, str(h.get("session")), seq), **labels_c)
-        if not h.get("ok"):
+        self.metrics.inc("iseg_publisher_gap_frames_total", self.tracker.gaps(camera, result.session, seq), **labels_c)
+        if not result.ok:
             self.metrics.inc("iseg_publisher_failed_frames_total", **labels_c)
+            self.save_state()
             return
-        frame = array_from(message.payloads[0], h["frame"]["shape"], h["frame"]["dtype"])
-        labels = array_from(message.payloads[1], h["labels"]["shape"], h["labels"]["dtype"])
-        if labels.shape != frame.shape[:2]:
-            raise WireError(f"labels {labels.shape} do not match frame {frame.shape}")
-        classes, flagged, presence = list(h["classes"]), list(h["flagged"]), dict(h["presence"])
-        roi = list(h.get("roi") or [0, 0])
+        frame, labels = result.frame, result.labels
+        classes, flagged, presence, thresholds = list(result.classes), list(result.flagged), result.presence, result.thresholds
+        roi = result.roi
         alerts_cfg = self.config.alerts
         info = regions(labels, classes, roi, alerts_cfg.min_area_px, alerts_cfg.max_boxes)
         overlay = encode_jpeg(overlay_rgb(frame, labels, classes, flagged, presence, info, roi),
                               self.config.recorder.jpeg_quality)
         mask_png = encode_png(labels)
         published_ts = now()
-        latency_ms = (published_ts - float(h["ts"])) * 1000
-        base = {"camera": camera, "seq": seq, "capture_ts": h["ts"], "published_ts": published_ts,
-                "latency_ms": latency_ms, "worker": h.get("worker"), "infer_ms": h.get("infer_ms")}
+        latency_ms = (published_ts - result.ts) * 1000
+        base = {"camera": camera, "seq": seq, "capture_ts": result.ts, "published_ts": published_ts,
+                "latency_ms": latency_ms, "worker": result.worker, "infer_ms": result.infer_ms}
         alert_ids = []
-        firing = self.debouncer.update(camera, classes, flagged, float(h["ts"]))
-        self.tap.observe(camera, float(h["ts"]), presence, flagged, {c: info[c]["area_frac"] for c in classes}, firing,
-                         frame, h.get("worker"))
+        firing = self.debouncer.update(camera, classes, flagged, result.ts)
+        self.tap.observe(camera, result.ts, presence, flagged, {c: info[c]["area_frac"] for c in classes}, firing,
+                         frame, result.worker)
         for name in firing:
             alert = {**base, "kind": "defect", "class": name, "classes": {
-                c: {"presence": presence[c], "threshold": h["thresholds"][c], **info[c]} for c in flagged},
+                c: {"presence": presence[c], "threshold": thresholds[c], **info[c]} for c in flagged},
                 "frame_shape": list(frame.shape), "roi": roi}
             self.store.add(alert)
             alert_ids.append(alert["id"])
             send(pub, f"alert.{camera}", alert)
             self.metrics.inc("iseg_alerts_total", camera=camera, **{"class": name})
             self.log.info("ALERT %d camera %s class %s presence %.3f > %.3f (frame %d, %.0f ms after capture)",
-                          alert["id"], camera, name, presence[name], h["thresholds"][name], seq, latency_ms)
+                          alert["id"], camera, name, presence[name], thresholds[name], seq, latency_ms)
+        self.save_state()
         common = {**base, "flagged": flagged, "presence": presence}
         send(pub, f"overlay.{camera}", {**common, "format": "jpeg"}, [overlay])
         send(pub, f"mask.{camera}", {**common, "format": "png", "classes": classes}, [mask_png])
         if flagged:
             self.metrics.inc("iseg_flagged_frames_total", **labels_c)
             self.flag_seq[camera] = self.flag_seq.get(camera, 0) + 1
-            meta = {**common, "classes": classes, "flag_seq": self.flag_seq[camera], "publisher_session": self.session, "thresholds": h["thresholds"], "regions": info,
-                    "alert_ids": alert_ids, "roi": roi, "frame": h["frame"]}
+            meta = {**common, "classes": classes, "flag_seq": self.flag_seq[camera], "publisher_session": self.session,
+                    "thresholds": thresholds, "regions": info, "alert_ids": alert_ids, "roi": roi,
+                    "frame": result.frame_spec}
             send(pub, f"flagged.{camera}", meta, [frame, mask_png, overlay])
         self.published += 1
         if self.first_frame_at is None:
@@ -124,16 +149,39 @@ class Publisher:
         recent.append(latency_ms)
         del recent[:-200]
 
-    def replay(self, request: bytes) -> bytes:
+    def save_state(self) -> None:
+        """Persist cooldowns, sequence numbers and the next alert id (after every result)."""
+        self.state.save({"next_alert_id": self.store.next_id, "debounce": self.debouncer.export(),
+                         "sequences": self.tracker.export()})
+
+    def maintain(self) -> str:
+        """Retry writing held alerts and update the storage metrics; returns why the publisher is
+        degraded ('' when it is not)."""
+        self.store.flush()
+        self.metrics.set("iseg_alerts_pending", len(self.store.pending))
+        for key, total, metric in (("store", self.store.errors, "iseg_alert_store_errors_total"),
+                                   ("unstored", self.store.unstored, "iseg_alerts_unstored_total"),
+                                   ("state", self.state.errors, "iseg_publisher_state_errors_total")):
+            if total > self._counted[key]:
+                self.metrics.inc(metric, total - self._counted[key])
+                self._counted[key] = total
+        if self.store.error:
+            return (f"alert store failing ({self.store.error}); {len(self.store.pending)} alert(s) published and "
+                    "held in memory until it can be written")
+        return ""
+
+    def replay(self, frames: list[Any]) -> bytes:
         """Answer a replay request `{"since": id, "limit": n, "camera": optional}` with stored alerts."""
         try:
-            query = json.loads(request)
-            since = int(query.get("since", 0))
-            limit = max(1, min(int(query.get("limit", 1000)), 10000))
-            alerts = self.store.since(since, limit, query.get("camera"))
-            return encode_header({"ok": True, "alerts": alerts, "last_id": self.store.last_id()})
-        except (ValueError, TypeError, AttributeError) as err:
+            request = self.boundary.replay(frames)
+        except Rejected as err:
+            self.rejections.count("replay", err)
             return encode_header({"ok": False, "error": f"bad replay request: {err}"})
+        try:
+            alerts = self.store.since(request.since, request.limit, request.camera)
+        except sqlite3.Error as err:
+            return encode_header({"ok": False, "error": f"alert store cannot be read now: {err}"})
+        return encode_header({"ok": True, "alerts": alerts, "last_id": self.store.last_id()})
 
     def stats(self) -> dict[str, Any]:
         """The `stats` topic body."""
@@ -143,7 +191,9 @@ class Publisher:
             cameras[camera] = {"latency_p50_ms": float(np.percentile(ordered, 50)),
                                "latency_p99_ms": float(np.percentile(ordered, 99)),
                                "frames": self.metrics.counter("iseg_publisher_frames_total", camera=camera)}
-        return {"ts": now(), "published": self.published, "last_alert_id": self.store.last_id(), "cameras": cameras}
+        return {"ts": now(), "published": self.published, "last_alert_id": self.store.last_id(), "cameras": cameras,
+                "alert_store": {"pending": len(self.store.pending), "unstored": self.store.unstored,
+                                "error": self.store.error}}
 
 
 def bind_result_sockets(ctx: zmq.Context, config: DaemonConfig) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket, list[str]]:
@@ -151,6 +201,7 @@ def bind_result_sockets(ctx: zmq.Context, config: DaemonConfig) -> tuple[zmq.Soc
     config.run_path.mkdir(parents=True, exist_ok=True)
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, config.sockets.results_hwm)
+    pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_PIXELS * 4 + 65536)
     pull.bind(config.endpoint("results"))
     endpoints = [config.endpoint("results")]
     pub = ctx.socket(zmq.PUB)
@@ -158,6 +209,7 @@ def bind_result_sockets(ctx: zmq.Context, config: DaemonConfig) -> tuple[zmq.Soc
     pub.setsockopt(zmq.LINGER, 1000)
     pub.bind(config.endpoint("publish"))
     rep = ctx.socket(zmq.REP)
+    rep.setsockopt(zmq.MAXMSGSIZE, 65536)
     rep.bind(config.endpoint("replay"))
     endpoints += [config.endpoint("publish"), config.endpoint("replay")]
     if config.sockets.remote is not None:
@@ -174,7 +226,7 @@ def run_publisher(config: DaemonConfig, stop: StopFlag) -> int:
     pull, pub, rep, endpoints = bind_result_sockets(ctx, config)
     publisher = Publisher(config, metrics, log)
     log.info("publishing on %s; alerts in %s", ", ".join(endpoints), config.state_path / "alerts.sqlite3")
-    heartbeat.update(ready=True, first_frame=False)
+    heartbeat.update(ready=True, first_frame=False, degraded=publisher.maintain())
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     poller.register(rep, zmq.POLLIN)
@@ -185,31 +237,37 @@ def run_publisher(config: DaemonConfig, stop: StopFlag) -> int:
             events = dict(poller.poll(IDLE_DRAIN_S * 1000 if draining else 200))
             heartbeat.progress()
             if rep in events:
-                rep.send(publisher.replay(rep.recv()))
+                rep.send(publisher.replay(rep.recv_multipart(copy=False)))
             if pull in events:
                 try:
-                    message = recv(pull)
-                    if message.topic == "selftest":
-                        publisher.tap.self_test(message.header)
+                    frames = pull.recv_multipart(copy=False)
+                    if frames and bytes(frames[0].buffer if isinstance(frames[0], zmq.Frame) else frames[0]) == b"selftest":
+                        publisher.tap.self_test(publisher.boundary.self_test(frames))
                     else:
-                        publisher.handle(message, pub)
-                except (WireError, KeyError, TypeError, ValueError) as err:
-                    metrics.inc("iseg_publisher_bad_messages_total")
-                    log.warning("rejected a malformed result: %s", err)
+                        publisher.handle(publisher.boundary.result(frames), pub)
+                except Rejected as err:
+                    publisher.rejections.count("results", err)
+                except Exception as err:  # noqa: BLE001 (a result that passed its schema yet fails is skipped, never fatal)
+                    publisher.rejections.internal("results", err)
                 if publisher.first_frame_at is not None:
                     heartbeat.update(first_frame=True, first_frame_at=publisher.first_frame_at, published=publisher.published)
             elif draining and not events:
                 break
             publisher.tap.tick(lambda topic, body: send(pub, topic, body), publisher.store.add)
             if time.monotonic() >= next_stats:
-                heartbeat.update(**publisher.tap.state())
+                degraded = publisher.maintain()
+                if degraded != heartbeat.state.get("degraded", ""):
+                    heartbeat.update(degraded=degraded)
                 send(pub, "stats", publisher.stats())
                 next_stats = time.monotonic() + STATS_INTERVAL_S
         log.info("publisher stopped after %d frames (%s)", publisher.published, stop.signal_name or "done")
     finally:
-        heartbeat.stop()
+        publisher.maintain()
         publisher.tap.close()
         publisher.store.close()
+        publisher.save_state()
+        publisher.state.close()
+        heartbeat.stop()
         for sock in (pull, pub, rep):
             sock.close()
         stop_authenticators()

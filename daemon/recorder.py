@@ -3,9 +3,17 @@ and metadata JSON under the state dir, indexed in SQLite for review.
 
 Writes are atomic: files are written and fsynced in a temporary folder on the same
 filesystem and the folder is renamed into place, so a crash or SIGTERM never leaves a
-half recording; the index row is added after the rename. Retention removes recordings
-older than `retention_days` and, oldest first, whatever keeps free disk under
-`min_free_mb`. A full disk is logged and counted, never a crash.
+half recording; the index row is added after the rename. A full disk is logged and
+counted, never a crash; a deleted recordings folder is recreated; a corrupt index is
+moved aside and rebuilt from the recordings' meta.json files (verdicts are lost).
+
+Retention treats judged recordings as evidence. By age it removes recordings older than
+`retention_days`; by free disk, when free space is under `min_free_mb`, it removes
+unreviewed recordings first, then false alarms, oldest first. Confirmed recordings are
+kept unless `delete_confirmed`, recordings younger than `keep_recent_h` are never
+removed, and when even deleting every candidate could not reach `min_free_mb` (a floor
+above what the disk can give) it removes nothing and says so. Every deletion is logged
+with its reason.
 """
 
 from __future__ import annotations
@@ -24,13 +32,18 @@ from typing import Any
 import zmq
 
 from daemon.config import DaemonConfig
+from daemon.database import open_database
+from daemon.messages import Boundary, Flagged, Rejected, Rejections
 from daemon.metrics import Registry
 from daemon.render import encode_png
 from daemon.role import Heartbeat, StopFlag
-from daemon.wire import Message, WireError, array_from, recv
 
 STATUSES = ("unreviewed", "confirmed", "false-alarm")
 FILES = ("original.png", "mask.png", "overlay.jpg", "meta.json")
+DELETION_ORDER = ("unreviewed", "false-alarm", "confirmed")
+"""Which recordings free disk first: evidence an operator judged goes last (confirmed only if allowed)."""
+FOLDER_CHECK_S = 2.0
+OPEN_RETRY_S = 2.0
 
 
 class DiskFull(Exception):
@@ -40,20 +53,32 @@ class DiskFull(Exception):
 class RecordingStore:
     """The recordings folder and its SQLite index (also used by `iseg review`)."""
 
-    def __init__(self, state_dir: Path, log: logging.Logger | None = None) -> None:
+    def __init__(self, state_dir: Path, log: logging.Logger | None = None, repair: bool = False) -> None:
+        """`repair` (the recorder role): a corrupt index is moved aside and a fresh one started;
+        without it (`iseg review`) the sqlite3.DatabaseError is raised."""
         self.root = state_dir / "recordings"
         self.tmp = self.root / ".tmp"
         self.log = log or logging.getLogger("iseg.recorder")
         self.root.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(state_dir / "recordings.sqlite3"), timeout=10.0)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS recordings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
-                        "camera TEXT NOT NULL, seq INTEGER NOT NULL, capture_ts REAL NOT NULL, created REAL NOT NULL, "
-                        "path TEXT NOT NULL UNIQUE, flagged TEXT NOT NULL, presence TEXT NOT NULL, "
-                        "alert_ids TEXT NOT NULL, bytes INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'unreviewed', "
-                        "reviewed_at REAL)")
-        self.db.execute("CREATE INDEX IF NOT EXISTS recordings_created ON recordings (created)")
-        self.db.commit()
+        self.db = open_database(state_dir / "recordings.sqlite3", self._setup, self.log, repair=repair)
+        self._unreachable_logged = 0.0
+
+    @staticmethod
+    def _setup(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE IF NOT EXISTS recordings (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+                   "camera TEXT NOT NULL, seq INTEGER NOT NULL, capture_ts REAL NOT NULL, created REAL NOT NULL, "
+                   "path TEXT NOT NULL UNIQUE, flagged TEXT NOT NULL, presence TEXT NOT NULL, "
+                   "alert_ids TEXT NOT NULL, bytes INTEGER NOT NULL, status TEXT NOT NULL DEFAULT 'unreviewed', "
+                   "reviewed_at REAL)")
+        db.execute("CREATE INDEX IF NOT EXISTS recordings_created ON recordings (created)")
+        db.commit()
+
+    def ensure_folder(self) -> None:
+        """Recreate the recordings folder if someone deleted it (OSError when it cannot be)."""
+        if not self.root.is_dir():
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.log.warning("recordings folder %s was missing; recreated it", self.root)
 
     def recover(self) -> tuple[int, int]:
         """After a crash: drop half-written temp folders, index complete folders that lack a row.
@@ -71,7 +96,7 @@ class RecordingStore:
                 try:
                     self._index(json.loads(meta.read_text()), relative, self._size(meta.parent))
                     reindexed += 1
-                except (ValueError, KeyError) as err:
+                except (ValueError, KeyError, TypeError, sqlite3.Error) as err:
                     self.log.warning("cannot re-index %s: %s", meta.parent, err)
         return removed, reindexed
 
@@ -90,6 +115,7 @@ class RecordingStore:
 
     def write(self, meta: dict[str, Any], files: dict[str, bytes]) -> int:
         """Write one recording atomically and index it; returns its id. OSError on failure."""
+        self.ensure_folder()
         meta = {**meta, "recorded_ts": time.time()}
         day = time.strftime("%Y-%m-%d", time.localtime(meta["capture_ts"]))
         relative = f"{day}/{meta['camera']}/{meta['seq']:08d}-{int(meta['capture_ts'] * 1000)}"
@@ -119,7 +145,7 @@ class RecordingStore:
 
     def free_mb(self) -> float:
         """Free disk under the recordings folder, in MB."""
-        return shutil.disk_usage(self.root).free / 1e6
+        return shutil.disk_usage(self.root if self.root.is_dir() else self.root.parent).free / 1e6
 
     def delete(self, recording_id: int) -> None:
         """Remove a recording's files, then its row."""
@@ -130,20 +156,53 @@ class RecordingStore:
         with self.db:
             self.db.execute("DELETE FROM recordings WHERE id = ?", (recording_id,))
 
-    def enforce_retention(self, retention_days: float, min_free_mb: float, needed_mb: float = 0.0) -> int:
-        """Delete expired recordings, then the oldest ones while free disk is short; returns how many."""
-        deleted = 0
-        cutoff = time.time() - retention_days * 86400
-        for (rid,) in self.db.execute("SELECT id FROM recordings WHERE created < ? ORDER BY created", (cutoff,)).fetchall():
+    def enforce_retention(self, retention_days: float, min_free_mb: float, needed_mb: float = 0.0,
+                          keep_recent_h: float = 24.0, delete_confirmed: bool = False) -> int:
+        """Apply the retention policy (see the module docstring); returns how many recordings it deleted."""
+        now = time.time()
+        statuses = DELETION_ORDER if delete_confirmed else DELETION_ORDER[:2]
+        marks = ",".join("?" * len(statuses))
+        protected_from = now - keep_recent_h * 3600
+        cutoff = min(now - retention_days * 86400, protected_from)
+        expired = self.db.execute(f"SELECT id, status FROM recordings WHERE created < ? AND status IN ({marks}) "
+                                  "ORDER BY created, id", (cutoff, *statuses)).fetchall()
+        self._delete_all(expired, f"older than recorder.retention_days ({retention_days:g})")
+        target = min_free_mb + needed_mb
+        free = self.free_mb()
+        if free >= target:
+            return len(expired)
+        order = " ".join(f"WHEN '{status}' THEN {i}" for i, status in enumerate(statuses))
+        candidates = self.db.execute(
+            f"SELECT id, status, bytes FROM recordings WHERE created < ? AND status IN ({marks}) "
+            f"ORDER BY CASE status {order} END, created, id", (protected_from, *statuses)).fetchall()
+        if free + sum(c[2] for c in candidates) / 1e6 < target:
+            if now - self._unreachable_logged > 600:
+                self._unreachable_logged = now
+                self.log.error("free disk %.1f MB is under recorder.min_free_mb %g, and deleting every recording "
+                               "retention may delete (%d, older than %gh, %s) would not reach it: deleting none",
+                               free, min_free_mb, len(candidates), keep_recent_h, "/".join(statuses))
+            return len(expired)
+        chosen = []
+        for rid, status, _size in candidates:
             self.delete(rid)
-            deleted += 1
-        while self.free_mb() < min_free_mb + needed_mb:
-            row = self.db.execute("SELECT id FROM recordings ORDER BY created, id LIMIT 1").fetchone()
-            if row is None:
+            chosen.append((rid, status))
+            if self.free_mb() >= target:
                 break
-            self.delete(row[0])
-            deleted += 1
-        return deleted
+        self._log_deleted(chosen, f"free disk was {free:.1f} MB, under recorder.min_free_mb {min_free_mb:g}"
+                          + (f" + {needed_mb:.1f} MB for the next recording" if needed_mb else ""))
+        return len(expired) + len(chosen)
+
+    def _delete_all(self, rows: list[tuple[int, str]], reason: str) -> None:
+        for rid, _status in rows:
+            self.delete(rid)
+        if rows:
+            self._log_deleted(rows, reason)
+
+    def _log_deleted(self, rows: list[tuple[int, str]], reason: str) -> None:
+        counts = {status: sum(1 for _, s in rows if s == status) for status in STATUSES}
+        what = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+        ids = ", ".join(str(rid) for rid, _ in rows[:20]) + (", ..." if len(rows) > 20 else "")
+        self.log.info("retention deleted %d recording(s) (%s; ids %s): %s", len(rows), what, ids, reason)
 
     def list(self, limit: int = 50, camera: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
         """Newest first."""
@@ -197,21 +256,44 @@ class Recorder:
         self.log = log
         self.last_flag: dict[str, tuple[str, int]] = {}
         self.last_full_log = 0.0
+        self.degraded = ""
 
-    def handle(self, message: Message) -> int | None:
-        """Write one flagged frame; None when it was skipped (disk full or write error)."""
-        h = message.header
-        camera = str(h["camera"])
-        self._count_missed(camera, str(h.get("publisher_session")), int(h.get("flag_seq", 0)))
-        frame = array_from(message.payloads[0], h["frame"]["shape"], h["frame"]["dtype"])
-        files = {"original.png": encode_png(frame, rgb=True), "mask.png": bytes(message.payloads[1]),
-                 "overlay.jpg": bytes(message.payloads[2])}
+    def retention(self, needed_mb: float = 0.0) -> int:
+        """One retention pass with the configured policy; returns how many recordings it deleted."""
+        cfg = self.config.recorder
+        deleted = self.store.enforce_retention(cfg.retention_days, cfg.min_free_mb, needed_mb,
+                                               cfg.keep_recent_h, cfg.delete_confirmed)
+        if deleted:
+            self.metrics.inc("iseg_recorder_deleted_total", deleted)
+        return deleted
+
+    def check_folder(self) -> None:
+        """Recreate a deleted recordings folder; degraded while it cannot be."""
+        try:
+            self.store.ensure_folder()
+        except OSError as err:
+            self._failed(f"recordings folder {self.store.root} cannot be created: {err}")
+            return
+        if self.degraded.startswith("recordings folder"):
+            self.degraded = ""
+
+    def handle(self, flagged: Flagged) -> int | None:
+        """Write one checked flagged frame; None when it was skipped (disk full or write error)."""
+        h = flagged.meta
+        camera = h["camera"]
+        self._count_missed(camera, h["publisher_session"], h["flag_seq"])
+        files = {"original.png": encode_png(flagged.frame, rgb=True), "mask.png": flagged.mask_png,
+                 "overlay.jpg": flagged.overlay_jpeg}
         needed_mb = sum(len(d) for d in files.values()) / 1e6
         cfg = self.config.recorder
         try:
-            deleted = self.store.enforce_retention(cfg.retention_days, cfg.min_free_mb, needed_mb)
-            if deleted:
-                self.metrics.inc("iseg_recorder_deleted_total", deleted)
+            self.store.ensure_folder()
+        except OSError as err:
+            self.metrics.inc("iseg_recorder_write_errors_total", camera=camera)
+            self._failed(f"recordings folder {self.store.root} cannot be created: {err}")
+            return None
+        try:
+            self.retention(needed_mb)
             if self.store.free_mb() < cfg.min_free_mb + needed_mb:
                 raise DiskFull(f"{self.store.free_mb():.1f} MB free, recorder.min_free_mb is {cfg.min_free_mb:g}")
             recording_id = self.store.write(h, files)
@@ -223,13 +305,16 @@ class Recorder:
                 self._disk_full(camera, h["seq"], os.strerror(err.errno))
             else:
                 self.metrics.inc("iseg_recorder_write_errors_total", camera=camera)
-                self.log.error("recording %s/%s failed: %s", camera, h["seq"], err)
+                self._failed(f"recording {camera}/{h['seq']} failed: {err}")
             return None
-        except sqlite3.OperationalError as err:
+        except sqlite3.Error as err:
             self.metrics.inc("iseg_recorder_write_errors_total", camera=camera)
-            self.log.error("recording index update for %s/%s failed: %s", camera, h["seq"], err)
+            self._failed(f"recording index update for {camera}/{h['seq']} failed: {err}")
             return None
         self.metrics.inc("iseg_recorder_frames_total", camera=camera)
+        if self.degraded:
+            self.log.info("recording again (was: %s)", self.degraded)
+            self.degraded = ""
         return recording_id
 
     def _count_missed(self, camera: str, session: str, flag_seq: int) -> None:
@@ -241,12 +326,36 @@ class Recorder:
             self.log.warning("missed %d flagged frame(s) of camera %s (recorder fell behind)", missed, camera)
         self.last_flag[camera] = (session, flag_seq)
 
+    def _failed(self, reason: str) -> None:
+        if reason != self.degraded:
+            self.log.error("%s", reason)
+        self.degraded = reason
+
     def _disk_full(self, camera: str, seq: int, reason: str) -> None:
         self.metrics.inc("iseg_recorder_disk_full_total", camera=camera)
+        self.degraded = f"disk full: flagged frames are not recorded ({reason})"
         if time.monotonic() - self.last_full_log > 10.0:
             self.last_full_log = time.monotonic()
             self.log.error("disk full: flagged frame %s/%s not recorded (%s); counting until space frees up",
                            camera, seq, reason)
+
+
+def open_store(config: DaemonConfig, stop: StopFlag, heartbeat: Heartbeat, log: logging.Logger) -> RecordingStore | None:
+    """The recording store, retried while the disk or the folder refuses (the role stays up and says
+    why instead of crash-looping); None when stopped first."""
+    logged = ""
+    while not stop.stopping:
+        heartbeat.progress()
+        try:
+            return RecordingStore(config.state_path, log, repair=True)
+        except (OSError, sqlite3.Error) as err:
+            reason = f"cannot open the recordings store in {config.state_path}: {err}"
+            if reason != logged:
+                log.error("%s; retrying every %gs", reason, OPEN_RETRY_S)
+                logged = reason
+            heartbeat.update(ready=True, degraded=reason)
+            stop.wait(OPEN_RETRY_S)
+    return None
 
 
 def run_recorder(config: DaemonConfig, stop: StopFlag) -> int:
@@ -255,39 +364,53 @@ def run_recorder(config: DaemonConfig, stop: StopFlag) -> int:
     metrics = Registry()
     ctx = zmq.Context()
     heartbeat = Heartbeat(ctx, config.endpoint("telemetry"), "recorder", "recorder", metrics, stop).start()
-    store = RecordingStore(config.state_path, log)
-    removed, reindexed = store.recover()
-    if removed or reindexed:
-        log.info("recovered: removed %d half-written recording(s), re-indexed %d", removed, reindexed)
+    store = open_store(config, stop, heartbeat, log)
+    if store is None:
+        heartbeat.stop()
+        ctx.term()
+        return 0
+    try:
+        removed, reindexed = store.recover()
+        if removed or reindexed:
+            log.info("recovered: removed %d half-written recording(s), re-indexed %d", removed, reindexed)
+    except (OSError, sqlite3.Error) as err:
+        log.error("recovery of %s failed: %s", store.root, err)
     recorder = Recorder(config, store, metrics, log)
+    boundary = Boundary.from_config(config)
+    rejections = Rejections(metrics, "recorder", log)
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 1000)
     sub.setsockopt(zmq.SUBSCRIBE, b"flagged.")
     sub.connect(config.endpoint("publish"))
-    log.info("recording flagged frames under %s (retention %g days, min free %g MB)",
-             store.root, config.recorder.retention_days, config.recorder.min_free_mb)
-    heartbeat.update(ready=True)
+    log.info("recording flagged frames under %s (retention %g days, min free %g MB, last %gh always kept, "
+             "confirmed %s)", store.root, config.recorder.retention_days, config.recorder.min_free_mb,
+             config.recorder.keep_recent_h, "deletable" if config.recorder.delete_confirmed else "kept")
+    heartbeat.update(ready=True, degraded="")
     next_retention = 0.0
+    next_folder_check = 0.0
     try:
         while not stop.stopping:
             heartbeat.progress()
+            if time.monotonic() >= next_folder_check:
+                recorder.check_folder()
+                next_folder_check = time.monotonic() + FOLDER_CHECK_S
             if time.monotonic() >= next_retention:
                 try:
-                    deleted = store.enforce_retention(config.recorder.retention_days, config.recorder.min_free_mb)
-                    if deleted:
-                        metrics.inc("iseg_recorder_deleted_total", deleted)
-                        log.info("retention removed %d recording(s)", deleted)
-                except (OSError, sqlite3.OperationalError) as err:
+                    recorder.retention()
+                except (OSError, sqlite3.Error) as err:
                     log.error("retention pass failed: %s", err)
                 next_retention = time.monotonic() + config.recorder.retention_check_s
+            if heartbeat.state.get("degraded") != recorder.degraded:
+                heartbeat.update(degraded=recorder.degraded)
             if not sub.poll(200):
                 continue
             try:
-                recorder.handle(recv(sub))
-            except (WireError, KeyError, TypeError, ValueError, IndexError) as err:
-                metrics.inc("iseg_recorder_bad_messages_total")
-                log.warning("rejected a malformed flagged-frame message: %s", err)
-            heartbeat.update(recordings=store.count())
+                recorder.handle(boundary.flagged(sub.recv_multipart(copy=False)))
+                heartbeat.update(recordings=store.count(), degraded=recorder.degraded)
+            except Rejected as err:
+                rejections.count("flagged", err)
+            except Exception as err:  # noqa: BLE001 (one bad recording never stops the recorder)
+                rejections.internal("flagged", err)
         log.info("recorder stopped (%s)", stop.signal_name or "done")
     finally:
         heartbeat.stop()

@@ -41,16 +41,18 @@ def setup_logging(level: str = "INFO") -> None:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; loops poll it so they finish the message in hand and exit cleanly."""
+    """Set by SIGTERM, SIGINT or SIGHUP; loops poll it so they finish the message in hand and exit
+    cleanly. SIGHUP (a closed terminal, `systemctl kill -s HUP`) is the same orderly stop, exit 0,
+    not a config reload: start the daemon again to apply a changed config."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signal_name = ""
 
     def install(self) -> "StopFlag":
-        """Route SIGTERM and SIGINT here (main thread only)."""
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        """Route SIGTERM, SIGINT and SIGHUP here (main thread only)."""
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
@@ -76,6 +78,7 @@ class Heartbeat:
         self.stop_flag = stop
         supervisor = os.environ.get("ISEG_SUPERVISOR_PID", "")
         self.supervisor_pid = int(supervisor) if supervisor.isdigit() else None
+        self.token = os.environ.get("ISEG_HEARTBEAT_TOKEN", "")
         self.endpoint = endpoint
         self.role = role
         self.name = name
@@ -110,7 +113,7 @@ class Heartbeat:
         """The heartbeat as sent."""
         with self._lock:
             state = dict(self.state)
-        return {"role": self.role, "name": self.name, "pid": os.getpid(), "ts": time.time(),
+        return {"role": self.role, "name": self.name, "pid": os.getpid(), "token": self.token, "ts": time.time(),
                 "progress_at": self.progress_at, "busy_since": self.busy_since, "state": state,
                 "metrics": self.metrics.snapshot()}
 

@@ -2,7 +2,9 @@
 
 All give RGB uint8 frames (OpenCV decodes BGR; we convert once here). A source that
 cannot open or stops giving frames raises SourceError with the reason, and the
-capture role decides about reconnecting.
+capture role decides about reconnecting. Frame sizes are held to
+`limits.max_image_pixels`: a still image file by its header before it is decoded, a
+stream by the size FFmpeg reports when it opens (and each frame, in case it changes).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from daemon.config import CameraConfig
+from daemon.config import CameraConfig, LimitsConfig
+from engine.errors import InputError
+from engine.image_io import check_image_size, image_dimensions
 
 
 class SourceError(Exception):
@@ -131,9 +135,10 @@ class OpenCvSource(FrameSource):
     seconds, not a hang; files can loop so a recorded clip can stand in for a camera.
     """
 
-    def __init__(self, camera: CameraConfig) -> None:
+    def __init__(self, camera: CameraConfig, max_pixels: int = LimitsConfig().max_image_pixels) -> None:
         self.camera = camera
         self.kind = camera.source_kind
+        self.max_pixels = max_pixels
         self.cap: cv2.VideoCapture | None = None
 
     def open(self) -> None:
@@ -154,13 +159,34 @@ class OpenCvSource(FrameSource):
         else:
             if not Path(source).is_file():
                 raise SourceError(f"video file {source} does not exist")
+            self._check_still_image(Path(source))
             cap = cv2.VideoCapture(source, cv2.CAP_FFMPEG)
         if not cap.isOpened():
             cap.release()
             reasons = ("unreachable, refused, wrong user or password, or not a video" if self.kind in ("rtsp", "http")
                        else "not a video OpenCV can decode" if self.kind == "file" else "busy or not a capture device")
             raise SourceError(f"cannot open {self._safe_source()} ({reasons})")
+        try:
+            self._check_pixels(int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        except SourceError:
+            cap.release()
+            raise
         self.cap = cap
+
+    def _check_still_image(self, path: Path) -> None:
+        """A still image given as a file source is held to the pixel limit by its header."""
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(65536)
+            if image_dimensions(head) is not None:
+                check_image_size(head, str(path), self.max_pixels)
+        except (OSError, InputError) as err:
+            raise SourceError(str(err)) from None
+
+    def _check_pixels(self, width: int, height: int) -> None:
+        if width * height > self.max_pixels:
+            raise SourceError(f"{self._safe_source()}: frames are {width}×{height} ({width * height / 1e6:.1f} MP), over "
+                              f"the limit of {self.max_pixels / 1e6:g} MP (limits.max_image_pixels)")
 
     def read(self) -> np.ndarray:
         if self.cap is None:
@@ -173,6 +199,7 @@ class OpenCvSource(FrameSource):
             if self.kind == "file" and not self.camera.loop:
                 raise EndOfStream(f"end of {self.camera.source}")
             raise SourceError(f"no frame from {self._safe_source()} (stream ended, timed out or undecodable)")
+        self._check_pixels(frame.shape[1], frame.shape[0])
         if frame.ndim == 2:
             return cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)
         return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
@@ -187,11 +214,11 @@ class OpenCvSource(FrameSource):
         return re.sub(r"//[^/@]*:[^/@]*@", "//***@", self.camera.source)
 
 
-def open_source(camera: CameraConfig) -> FrameSource:
-    """The reader for a camera's source kind (not yet opened)."""
+def open_source(camera: CameraConfig, max_pixels: int = LimitsConfig().max_image_pixels) -> FrameSource:
+    """The reader for a camera's source kind (not yet opened); frames over `max_pixels` are refused."""
     if camera.source_kind == "synthetic":
         return SyntheticSource(camera)
-    return OpenCvSource(camera)
+    return OpenCvSource(camera, max_pixels)
 
 
 def apply_roi(frame: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:

@@ -9,6 +9,13 @@ queued frames still drain through worker and publisher) within `stop_timeout_s`.
 
 systemd hears READY=1 only once the model is loaded, embeddings are cached and a
 first frame went all the way through; WATCHDOG=1 only while every heartbeat is fresh.
+SIGHUP is the same orderly stop as SIGTERM.
+
+It owns the state dir (an exclusive lock, shared with the roles it starts) and trusts a
+heartbeat only from a process it started: the kernel's peer pid on the ipc connection,
+the pid in the message and a per-start token must all match (daemon/messages.py), so a
+forged or malformed heartbeat is counted and dropped, never believed. A role that says
+it is `degraded` (alive but unable to do its job, e.g. a full disk) is not `up`.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,11 +37,13 @@ import zmq
 
 from daemon.config import DaemonConfig
 from daemon.health import HealthServer, json_body
+from daemon.linestats import api as linestats_api
+from daemon.messages import MAX_HEARTBEAT_BYTES, Rejected, Rejections, heartbeat
 from daemon.metrics import Registry, merge, parse_labels, quantile_from_histogram, render_prometheus
 from daemon.model_setup import ensure_model
 from daemon.role import EX_CONFIG, StopFlag
 from daemon.sdnotify import Notifier
-from daemon.wire import WireError, recv
+from daemon.state_lock import ENV_FD, acquire
 
 STOP_ORDER = ("capture", "worker", "publisher", "recorder")
 START_ORDER = ("publisher", "recorder", "worker", "capture")
@@ -53,6 +63,8 @@ class RoleProcess:
     restarts: deque[float] = field(default_factory=deque)
     restart_total: int = 0
     restart_due: float | None = None
+    token: str = ""
+    retired_slot: int | None = None
 
     @property
     def pid(self) -> int | None:
@@ -79,6 +91,8 @@ class Supervisor:
         self.last_watchdog = 0.0
         self.phase = "starting"
         self.stopped_roles = False
+        self.rejections = Rejections(self.metrics, "supervisor", self.log)
+        self.lock_fd: int | None = None
         base = [sys.executable, "-m", "daemon"]
         config_arg = ["--config", str(Path(config.path).resolve())]
         self.roles: list[RoleProcess] = [RoleProcess("publisher", "publisher", base + ["publish"] + config_arg)]
@@ -93,21 +107,33 @@ class Supervisor:
     # -- processes -------------------------------------------------------------------------
 
     def _spawn(self, role: RoleProcess) -> None:
-        env = {**os.environ, "ISEG_SUPERVISOR_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+        role.token = secrets.token_hex(16)
+        env = {**os.environ, "ISEG_SUPERVISOR_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1",
+               "ISEG_HEARTBEAT_TOKEN": role.token}
         env.pop("NOTIFY_SOCKET", None)
-        role.proc = subprocess.Popen(role.argv, env=env, start_new_session=True)
+        fds: tuple[int, ...] = ()
+        if self.lock_fd is not None:
+            env[ENV_FD] = str(self.lock_fd)
+            fds = (self.lock_fd,)
+        role.proc = subprocess.Popen(role.argv, env=env, start_new_session=True, pass_fds=fds)
         role.started_at = time.time()
         role.heartbeat = None
         role.heard_at = 0.0
         role.restart_due = None
+        role.retired_slot = None
         self.log.info("started %s (pid %d)", role.name, role.proc.pid)
 
     def _retire(self, role: RoleProcess) -> None:
         """Keep a dead instance's counters so /metrics totals survive restarts."""
         if role.heartbeat is not None:
-            snapshot = role.heartbeat.get("metrics", {})
-            self.retired.append({"counters": snapshot.get("counters", {}), "histograms": snapshot.get("histograms", {})})
+            role.retired_slot = len(self.retired)
+            self.retired.append(self._counters_of(role.heartbeat))
             role.heartbeat = None
+
+    @staticmethod
+    def _counters_of(beat: dict[str, Any]) -> dict[str, Any]:
+        snapshot = beat.get("metrics", {})
+        return {"counters": snapshot.get("counters", {}), "histograms": snapshot.get("histograms", {})}
 
     def _schedule_restart(self, role: RoleProcess, reason: str) -> None:
         now = time.time()
@@ -173,26 +199,45 @@ class Supervisor:
 
     # -- telemetry and readiness -----------------------------------------------------------
 
-    def _read_telemetry(self, sock: zmq.Socket) -> None:
+    def _expected(self) -> dict[str, tuple[str, int | None, str]]:
+        """Who may send heartbeats: each role's kind, the pid this supervisor started last, its token."""
+        return {role.name: (role.role, role.proc.pid if role.proc is not None else None, role.token)
+                for role in self.roles}
+
+    def _read_telemetry(self, sock: zmq.Socket, wait_ms: int = 0) -> None:
+        """Take every queued heartbeat that passes its schema; a running role's becomes its latest,
+        an exited one's (its last words, sent as it stopped) replaces the counters it left behind."""
         by_name = {role.name: role for role in self.roles}
-        while sock.poll(0):
+        expected = self._expected()
+        while sock.poll(wait_ms):
             try:
-                message = recv(sock)
-            except WireError as err:
-                self.log.warning("bad telemetry message: %s", err)
+                beat = heartbeat(sock.recv_multipart(copy=False), expected)
+            except Rejected as err:
+                self.rejections.count("telemetry", err)
                 continue
-            role = by_name.get(str(message.header.get("name")))
-            if role is not None and role.pid == message.header.get("pid"):
-                role.heartbeat = message.header
+            role = by_name[beat["name"]]
+            if role.pid is not None:
+                role.heartbeat = beat
                 role.heard_at = time.time()
+            elif role.retired_slot is not None:
+                self.retired[role.retired_slot] = self._counters_of(beat)
+            else:
+                role.heartbeat = beat
 
     def _fresh(self, role: RoleProcess, now: float) -> bool:
         return role.pid is not None and role.heartbeat is not None and now - role.heard_at <= self.config.supervisor.heartbeat_timeout_s
 
+    @staticmethod
+    def _degraded(role: RoleProcess) -> str:
+        """Why a live role is not doing its job (e.g. a full disk), as its heartbeat says; '' when it is."""
+        return str((role.heartbeat or {}).get("state", {}).get("degraded") or "")
+
     def _update_readiness(self) -> None:
         now = time.time()
         for role in self.roles:
-            self.metrics.set("iseg_role_up", 1 if self._fresh(role, now) else 0, role=role.name)
+            degraded = self._degraded(role)
+            self.metrics.set("iseg_role_up", 1 if self._fresh(role, now) and not degraded else 0, role=role.name)
+            self.metrics.set("iseg_role_degraded", 1 if degraded else 0, role=role.name)
         if not self.ready:
             workers = [r for r in self.roles if r.role == "worker"]
             publisher = self.roles[0]
@@ -243,14 +288,23 @@ class Supervisor:
                     cameras[camera][f"{key}_ms_p50"] = quantile_from_histogram(hist, 0.5)
                     cameras[camera][f"{key}_ms_p99"] = quantile_from_histogram(hist, 0.99)
                     cameras[camera][f"{key}_ms_mean"] = hist["sum"] / hist["count"] if hist["count"] else None
+        rejected: dict[str, dict[str, float]] = {}
+        for labels, value in merged["counters"].get("iseg_rejected_messages_total", {}).items():
+            parsed = parse_labels(labels)
+            into = rejected.setdefault(parsed.get("role", ""), {})
+            into[parsed.get("reason", "")] = into.get(parsed.get("reason", ""), 0) + value
         roles = {}
         for role in self.roles:
             hb = role.heartbeat or {}
-            roles[role.name] = {"pid": role.pid, "up": self._fresh(role, now), "restarts": role.restart_total,
+            degraded = self._degraded(role)
+            roles[role.name] = {"pid": role.pid, "up": self._fresh(role, now) and not degraded, "degraded": degraded,
+                                "restarts": role.restart_total,
                                 "heartbeat_age_s": round(now - role.heard_at, 2) if role.heard_at else None,
-                                "busy_since": hb.get("busy_since"), "state": hb.get("state", {})}
+                                "busy_since": hb.get("busy_since"), "state": hb.get("state", {}),
+                                "rejected": rejected.get(role.name, {})}
         return {"ready": self.ready, "failed": self.failed, "state_dir": str(self.config.state_path),
-                "roles": roles, "cameras": cameras, "ts": now}
+                "roles": roles, "cameras": cameras, "health": linestats_api.health(self.config, now)["cameras"],
+                "supervisor": {"rejected": rejected.get("supervisor", {})}, "ts": now}
 
     def respond(self, path: str) -> tuple[int, str, bytes]:
         """Answer one HTTP path."""
@@ -261,7 +315,9 @@ class Supervisor:
         if path == "/readyz":
             stale = [r.name for r in self.roles if not self._fresh(r, now)]
             ok = self.ready and not stale and not self.failed
-            return json_body(200 if ok else 503, {"ready": ok, "first_frame_done": self.ready, "stale_roles": stale})
+            degraded = {r.name: self._degraded(r) for r in self.roles if self._degraded(r)}
+            return json_body(200 if ok else 503, {"ready": ok, "first_frame_done": self.ready, "stale_roles": stale,
+                                                  "degraded_roles": degraded})
         if path == "/metrics":
             return 200, "text/plain; version=0.0.4", render_prometheus(self._snapshots()).encode()
         if path == "/stats":
@@ -308,30 +364,30 @@ class Supervisor:
 
     def _drain_final(self, sock: zmq.Socket) -> None:
         """Take the roles' last heartbeats (final counters) sent as they stopped."""
-        by_name = {role.name: role for role in self.roles}
-        while sock.poll(200):
-            try:
-                message = recv(sock)
-            except WireError:
-                continue
-            role = by_name.get(str(message.header.get("name")))
-            if role is not None and role.proc is not None and role.proc.pid == message.header.get("pid"):
-                role.heartbeat = message.header
+        self._read_telemetry(sock, wait_ms=200)
+
+    def _write(self, path: Path, text: str) -> None:
+        """A convenience file for operators; a full disk must not stop supervision."""
+        try:
+            path.write_text(text)
+        except OSError as err:
+            self.log.error("cannot write %s: %s", path, err)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT, `duration`, too many restarts (exit 1) or a role that cannot
         start with this configuration (exit EX_CONFIG); 0 after a clean stop."""
         config = self.config
-        config.state_path.mkdir(parents=True, exist_ok=True)
+        self.lock_fd = acquire(config.state_path)
         config.run_path.mkdir(parents=True, exist_ok=True)
         ctx = zmq.Context()
         telemetry = ctx.socket(zmq.PULL)
         telemetry.setsockopt(zmq.RCVHWM, 1000)
+        telemetry.setsockopt(zmq.MAXMSGSIZE, MAX_HEARTBEAT_BYTES + 1024)
         telemetry.setsockopt(zmq.LINGER, 0)
         telemetry.bind(config.endpoint("telemetry"))
         server = HealthServer(config.metrics.listen, self.respond).start()
         self.print_banner(server.url)
-        (config.run_path / "http.url").write_text(server.url)
+        self._write(config.run_path / "http.url", server.url)
         try:
             if config.worker.count:
                 self.phase = "preparing the model"
@@ -355,7 +411,7 @@ class Supervisor:
             self.log.info("stopping (%s)", self.stop.signal_name or ("failure" if self.failed else "duration"))
             self._stop_roles()
             self._drain_final(telemetry)
-            (config.state_path / "last_stats.json").write_text(json.dumps(self.stats(), indent=1))
+            self._write(config.state_path / "last_stats.json", json.dumps(self.stats(), indent=1))
         finally:
             self._stop_roles()
             server.stop()

@@ -9,6 +9,7 @@ measure latency and see gaps.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -64,7 +65,7 @@ def decode(frames: Sequence[Any]) -> Message:
     try:
         topic = bytes(raw[0]).decode()
         header = json.loads(bytes(raw[1]))
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise WireError(f"unreadable topic or header: {err}") from None
     if not isinstance(header, dict):
         raise WireError("header is not a JSON object")
@@ -82,7 +83,7 @@ def array_from(payload: memoryview | bytes, shape: Any, dtype: Any) -> np.ndarra
         raise WireError(f"dtype {dtype!r} not allowed (one of {sorted(ALLOWED_DTYPES)})")
     if not isinstance(shape, list) or not shape or not all(isinstance(s, int) and s > 0 for s in shape):
         raise WireError(f"bad shape {shape!r}")
-    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: a huge shape cannot overflow
     if len(payload) != expected:
         raise WireError(f"payload has {len(payload)} bytes, header says {shape} {dtype} = {expected}")
     return np.frombuffer(payload, dtype=dtype).reshape(shape)

@@ -21,12 +21,13 @@ import zmq
 from daemon.config import DaemonConfig
 from daemon.linestats import selftest
 from daemon.linestats.overrides import OverrideWatcher, effective_thresholds
+from daemon.messages import MAX_FRAME_PIXELS, Boundary, Rejected, Rejections
 from daemon.metrics import Registry
 from daemon.model_setup import ensure_model
 from daemon.role import EX_CONFIG, Heartbeat, StopFlag
 from daemon.security import connect_curve_client, stop_authenticators
-from daemon.wire import Message, WireError, array_header, frame_from, now, recv, send
-from engine.errors import ModelLoadError, SettingsError
+from daemon.wire import array_header, now, send
+from engine.errors import InputError, ModelLoadError, SettingsError
 
 IDLE_DRAIN_S = 0.3
 DRAIN_MAX_S = 5.0
@@ -57,9 +58,12 @@ def load_segmenter(config: DaemonConfig, log: logging.Logger) -> tuple[Any, dict
                                onnx_dir=config.onnx_path, compile_blocks=engine.compile,
                                cuda_graphs=engine.cuda_graphs, max_batch=config.worker.batch_size)
     class_sets = {}
-    for camera in config.cameras:
-        class_sets[camera.id] = ClassSet(camera.classes, camera.bg_context)
-        segmenter.prepare(class_sets[camera.id])
+    for i, camera in enumerate(config.cameras):
+        try:
+            class_sets[camera.id] = ClassSet(camera.classes, camera.bg_context)
+            segmenter.prepare(class_sets[camera.id])
+        except InputError as err:
+            raise InputError(f"cameras[{i}] ({camera.id}): {err}") from None
     log.info("model %s loaded on %s/%s (backend %s%s%s), %d class set(s) cached in %.1fs", model_dir, engine.device,
              engine.dtype, engine.backend, ", compiled" if engine.compile else "",
              ", CUDA graphs" if engine.cuda_graphs else "", len(class_sets), time.monotonic() - started)
@@ -74,6 +78,7 @@ def connect_sockets(ctx: zmq.Context, config: DaemonConfig, remote: bool) -> tup
     """PULL from every camera, PUSH to the publisher; over Curve TCP when `remote`."""
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, config.sockets.frames_hwm)
+    pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_PIXELS * 3 + 65536)
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, config.sockets.results_hwm)
     push.setsockopt(zmq.SNDTIMEO, 5000)
@@ -109,6 +114,8 @@ class Worker:
         self.metrics = metrics
         self.heartbeat = heartbeat
         self.log = log
+        self.boundary = Boundary.from_config(config)
+        self.rejections = Rejections(metrics, name, log)
         self.thresholds: dict[str, dict[str, float]] = {}
         self.watcher = OverrideWatcher(config.state_path)
         self.load_thresholds()
@@ -135,24 +142,23 @@ class Worker:
         outcomes = self.run_batch([PendingFrame(header, golden.defect), PendingFrame(dict(header), golden.good)])
         thresholds = self.thresholds[golden.camera]
         if any(result is None for _, result, _ in outcomes):
-            passed, detail, presence = False, "golden images failed to segment: " + outcomes[0][2] + outcomes[1][2], {}
+            passed, detail = False, "golden images failed to segment: " + outcomes[0][2] + outcomes[1][2]
         else:
             scores = [{n: float(s) for n, s in zip(result.classes, result.presence)} for _, result, _ in outcomes]
             passed, detail = selftest.judge(golden, scores[0], scores[1], thresholds)
-            presence = {"defect": scores[0], "good": scores[1]}
         self.metrics.inc("iseg_worker_self_tests_total", worker=self.name, result="pass" if passed else "fail")
         (self.log.info if passed else self.log.error)("self-test %s: %s", "passed" if passed else "FAILED", detail)
         try:
-            send(push, "selftest", selftest.message(self.name, golden, passed, detail, presence))
+            send(push, "selftest", selftest.message(self.name, golden, passed, detail))
         except zmq.Again:
             self.log.error("publisher not taking results; self-test outcome lost")
 
-    def decode(self, message: Message) -> PendingFrame:
-        """Check a frame message; WireError when malformed or from an unknown camera."""
-        frame = frame_from(message)
-        if message.header["camera"] not in self.class_sets:
-            raise WireError(f"frame from unknown camera {message.header['camera']!r}")
-        return PendingFrame(message.header, frame)
+    def decode(self, frames: list[Any]) -> PendingFrame:
+        """Check a raw frame message against its schema (Rejected when it fails)."""
+        frame = self.boundary.frame(frames)
+        if frame.camera not in self.class_sets:
+            raise Rejected("camera", f"camera {frame.camera!r} has no class set in this worker")
+        return PendingFrame(frame.header(), frame.image)
 
     def collect(self, pull: zmq.Socket, stop: StopFlag, draining: bool) -> list[PendingFrame]:
         """Up to batch_size frames: wait for the first, then at most max_wait_ms for the rest."""
@@ -170,10 +176,9 @@ class Worker:
                     self.heartbeat.progress()
                 continue
             try:
-                batch.append(self.decode(recv(pull)))
-            except WireError as err:
-                self.metrics.inc("iseg_worker_bad_messages_total", worker=self.name)
-                self.log.warning("rejected a malformed frame message: %s", err)
+                batch.append(self.decode(pull.recv_multipart(copy=False)))
+            except Rejected as err:
+                self.rejections.count("frames", err)
                 continue
             if deadline is None:
                 deadline = time.monotonic() + self.config.worker.max_wait_ms / 1000
@@ -181,8 +186,6 @@ class Worker:
 
     def run_batch(self, batch: list[PendingFrame]) -> list[tuple[PendingFrame, Any, str]]:
         """Segment a batch; if it fails, frame by frame so one bad frame fails alone."""
-        from engine.errors import EngineError
-
         sets = [self.class_sets[p.header["camera"]] for p in batch]
         if self.heartbeat:
             self.heartbeat.busy(True)
@@ -191,7 +194,7 @@ class Worker:
                 results = self.segmenter.segment([p.frame for p in batch], sets, keep_maps=False)
                 self.metrics.inc("iseg_worker_batches_total", worker=self.name)
                 return [(p, r, "") for p, r in zip(batch, results)]
-            except (EngineError, RuntimeError, ValueError) as err:
+            except Exception as err:  # noqa: BLE001 (a frame the engine cannot take fails alone, never the worker)
                 if len(batch) == 1:
                     return [(batch[0], None, f"{type(err).__name__}: {err}")]
             outcomes = []
@@ -199,7 +202,7 @@ class Worker:
                 try:
                     outcomes.append((pending, self.segmenter.segment([pending.frame], class_set, keep_maps=False)[0], ""))
                     self.metrics.inc("iseg_worker_batches_total", worker=self.name)
-                except (EngineError, RuntimeError, ValueError) as err:
+                except Exception as err:  # noqa: BLE001
                     outcomes.append((pending, None, f"{type(err).__name__}: {err}"))
             return outcomes
         finally:
@@ -272,13 +275,14 @@ def run_worker(config: DaemonConfig, stop: StopFlag, name: str = "worker.0", rem
         try:
             segmenter, class_sets = load_segmenter(config, log)
             worker = Worker(config, name, segmenter, class_sets, metrics, heartbeat, log)
-        except (ModelLoadError, SettingsError, selftest.SelfTestError) as err:
+        except (ModelLoadError, SettingsError, InputError, selftest.SelfTestError) as err:
             log.critical("worker %s cannot start with this configuration: %s", name, err)
             return EX_CONFIG
         pull, push, endpoints = connect_sockets(ctx, config, remote)
         log.info("worker %s (pid %d) ready: batch %d, max wait %.0f ms, on %s", name, os.getpid(),
                  config.worker.batch_size, config.worker.max_wait_ms, ", ".join(endpoints))
         metrics.set("iseg_worker_ready", 1, worker=name)
+        heartbeat.progress()  # loading took long; without this the first "ready" heartbeat looks like a stuck loop
         heartbeat.update(ready=True, backend=segmenter.backend.name, cuda_graphs=segmenter.torch_backend.cuda_graphs)
         worker.loop(pull, push, stop)
         log.info("worker %s stopped (%s)", name, stop.signal_name or "done")

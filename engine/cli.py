@@ -23,7 +23,7 @@ from engine.settings import IsegSettings, parse_self_heads
 
 SETTING_OPTIONS = ("size", "timestep", "seed", "enhance", "ent", "iters", "cluster", "self_heads", "background", "bg_context")
 RUN_OPTIONS = ("model", "device", "dtype", "classes", "out", "save_maps", "batch_size", "cache_dir", "backend", "onnx_dir",
-               "compile", "cuda_graphs")
+               "compile", "cuda_graphs", "max_image_pixels")
 
 
 def _add_method_options(parser: argparse.ArgumentParser, backends: tuple[str, ...] = ("torch", "onnx")) -> None:
@@ -51,6 +51,8 @@ def _add_method_options(parser: argparse.ArgumentParser, backends: tuple[str, ..
     parser.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
                         help="replay the VAE encode and UNet forward from CUDA graphs captured per batch size "
                              "(CUDA, torch backend; batches padded to 1, 2, 4, … up to --batch-size)")
+    parser.add_argument("--max-image-pixels", dest="max_image_pixels", type=int,
+                        help="refuse images whose header declares more pixels (100000000), before decoding")
     parser.add_argument("--config", help="YAML file with the same keys as these options")
 
 
@@ -68,9 +70,11 @@ def _load_config(path: str | None) -> dict[str, Any]:
         raise SettingsError(f"--config: {path} must hold a mapping of option: value")
     config = {str(key).replace("-", "_"): value for key, value in data.items()}
     known = set(SETTING_OPTIONS) | set(RUN_OPTIONS)
-    for key in config:
+    for key, value in config.items():
         if key not in known:
             raise SettingsError(f"{path}: {key}: unknown key (known: {', '.join(sorted(known))})")
+        if isinstance(value, dict) or isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            raise SettingsError(f"{path}: {key}: must be a value or a list of values, not a nested structure")
     return config
 
 
@@ -93,6 +97,11 @@ def resolve_options(args: argparse.Namespace) -> tuple[IsegSettings, dict[str, A
     run["batch_size"] = int(run["batch_size"] or 4)
     if run["batch_size"] < 1:
         raise SettingsError(f"--batch-size: {run['batch_size']} must be >= 1")
+    from engine.image_io import DEFAULT_MAX_IMAGE_PIXELS
+
+    run["max_image_pixels"] = int(run["max_image_pixels"] or DEFAULT_MAX_IMAGE_PIXELS)
+    if run["max_image_pixels"] < 1:
+        raise SettingsError(f"--max-image-pixels: {run['max_image_pixels']} must be >= 1")
     if not run["model"]:
         raise SettingsError("--model: give a local diffusers Stable Diffusion folder (or `model:` in --config)")
     return settings, run
@@ -160,7 +169,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for name in args.images:
         path = Path(name)
         try:
-            image = read_image(path)
+            image = read_image(path, run["max_image_pixels"])
             check_frame(image, str(path))
         except InputError as error:
             failures += 1
@@ -181,7 +190,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     settings, run = resolve_options(args)
     segmenter = _load_segmenter(settings, run)
-    report = evaluate(segmenter, Path(args.data), batch_size=run["batch_size"], progress=not args.quiet)
+    report = evaluate(segmenter, Path(args.data), batch_size=run["batch_size"], progress=not args.quiet,
+                      max_pixels=run["max_image_pixels"])
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

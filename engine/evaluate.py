@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import InputError
-from engine.image_io import read_image
+from engine.image_io import DEFAULT_MAX_IMAGE_PIXELS, check_image_size, read_image
 from engine.results import ClassSet
 
 IGNORE = 255
@@ -45,8 +45,9 @@ def read_dataset(folder: Path) -> tuple[list[str], list[tuple[Path, Path]]]:
     return classes, pairs
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """Label indices of an indexed (palette) or grayscale PNG."""
+def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Label indices of an indexed (palette) or grayscale PNG (its size checked before decoding)."""
+    check_image_size(path.read_bytes(), str(path), max_pixels)
     with Image.open(path) as image:
         if image.mode not in ("P", "L", "I", "I;16"):
             raise InputError(f"{path}: mask must be an indexed or grayscale PNG, not {image.mode}")
@@ -77,7 +78,8 @@ def _progress(done: int, total: int, started: float) -> None:
     sys.stderr.flush()
 
 
-def evaluate(segmenter: Any, folder: Path, batch_size: int = 4, progress: bool = True) -> dict[str, Any]:
+def evaluate(segmenter: Any, folder: Path, batch_size: int = 4, progress: bool = True,
+             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, Any]:
     """Segment every image with its own classes and accumulate the confusion matrix."""
     classes, pairs = read_dataset(folder)
     n = len(classes) + 1
@@ -97,8 +99,8 @@ def evaluate(segmenter: Any, folder: Path, batch_size: int = 4, progress: bool =
         batch.clear()
 
     for index, (image_path, mask_path) in enumerate(pairs, 1):
-        truth = read_mask(mask_path)
-        image = read_image(image_path)
+        truth = read_mask(mask_path, max_pixels)
+        image = read_image(image_path, max_pixels)
         if truth.shape != image.shape[:2]:
             raise InputError(f"{mask_path}: mask is {truth.shape[1]}×{truth.shape[0]} but the image is "
                              f"{image.shape[1]}×{image.shape[0]}")

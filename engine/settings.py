@@ -37,27 +37,30 @@ class IsegSettings:
     cross_weights: tuple[float, float] = (0.7, 0.3)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 64 or self.size % 64:
-            raise SettingsError(f"size: {self.size!r} must be a multiple of 64 (e.g. 512)")
+        if not isinstance(self.size, int) or not 64 <= self.size <= 2048 or self.size % 64:
+            raise SettingsError(f"size: {self.size!r} must be a multiple of 64 in 64..2048 (e.g. 512)")
         if not 0 <= self.timestep < 1000:
             raise SettingsError(f"timestep: {self.timestep!r} must be in 0..999 (spec default 100)")
-        if self.enhance <= 0:
-            raise SettingsError(f"enhance: {self.enhance!r} must be > 0 (spec default 1.6)")
-        if self.ent < 0:
-            raise SettingsError(f"ent: {self.ent!r} must be >= 0 (spec default 0.1)")
-        if self.iters < 0:
-            raise SettingsError(f"iters: {self.iters!r} must be >= 0 (spec default 10)")
-        if self.cluster_seeds < 1 or self.cluster_iters < 1:
-            raise SettingsError("cluster_seeds and cluster_iters must be >= 1 (spec: 32 and 20)")
+        if not 0 <= self.seed < 2**63:
+            raise SettingsError(f"seed: {self.seed!r} must be in 0..2^63-1")
+        if not 0 < self.enhance <= 100:
+            raise SettingsError(f"enhance: {self.enhance!r} must be in (0, 100] (spec default 1.6)")
+        if not 0 <= self.ent <= 100:
+            raise SettingsError(f"ent: {self.ent!r} must be in [0, 100] (spec default 0.1)")
+        if not 0 <= self.iters <= 100:
+            raise SettingsError(f"iters: {self.iters!r} must be in 0..100 (spec default 10)")
+        if not (1 <= self.cluster_seeds <= 1024 and 1 <= self.cluster_iters <= 1000):
+            raise SettingsError("cluster_seeds and cluster_iters must be in 1..1024 and 1..1000 (spec: 32 and 20)")
         heads = self.self_heads
         if isinstance(heads, str):
             if heads not in ("auto", "all"):
                 raise SettingsError(f"self_heads: {heads!r} must be 'auto', 'all' or a list of head indices like 1,2")
-        elif not heads or any((not isinstance(h, int)) or h < 0 for h in heads):
+        elif not heads or any((not isinstance(h, int)) or not 0 <= h < 64 for h in heads):
             raise SettingsError(f"self_heads: {heads!r} must be non-negative head indices like [1, 2]")
         self.background_mode  # validates the background string
-        if len(self.cross_weights) != 2:
-            raise SettingsError(f"cross_weights: {self.cross_weights!r} must be two weights (16×16-level, 32×32-level)")
+        if len(self.cross_weights) != 2 or not all(
+                isinstance(w, (int, float)) and -100 <= w <= 100 for w in self.cross_weights):
+            raise SettingsError(f"cross_weights: {self.cross_weights!r} must be two weights (16×16-level, 32×32-level) in [-100, 100]")
 
     @property
     def background_mode(self) -> BackgroundMode:

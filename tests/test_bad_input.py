@@ -1,18 +1,22 @@
 """Bad models, bad images and bad class lists: clear one-line errors, and the rest goes on."""
 
+import argparse
 import json
 import shutil
+import time
 
 import cv2
 import numpy as np
 import pytest
 
-from engine.errors import InputError, ModelLoadError
+from engine.cli import resolve_options
+from engine.errors import InputError, ModelLoadError, SettingsError
 from engine.model_loader import load_model
 from engine.results import ClassSet
 from engine.samples_index import sample_paths
 from engine.segmenter import Segmenter
 from engine.settings import IsegSettings
+from tests.crafted_images import png_declaring
 from tests.engine_cli import run_iseg
 
 SMALL = IsegSettings(size=256)
@@ -83,8 +87,10 @@ def test_bad_files_do_not_stop_the_others(tiny_sd21, tmp_path):
     cv2.imwrite(str(small), cv2.resize(cv2.imread(str(good)), (24, 18)))
     tiny = tmp_path / "tiny.png"
     cv2.imwrite(str(tiny), np.zeros((4, 4, 3), np.uint8))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(20000, 20000))
     out = tmp_path / "out"
-    files = [truncated, not_image, tmp_path / "missing.png", gray16, rgba, gray, small, tiny, good]
+    files = [truncated, not_image, tmp_path / "missing.png", gray16, rgba, gray, small, tiny, bomb, good]
     result = run_iseg("segment", *map(str, files), "--model", str(tiny_sd21), "--classes", "scratch",
                       "--out", str(out), "--size", "256", cache_dir=tmp_path / "c")
     assert result.returncode == 1
@@ -93,10 +99,11 @@ def test_bad_files_do_not_stop_the_others(tiny_sd21, tmp_path):
     assert "notes.png: not a readable image" in result.stderr
     assert "missing.png: cannot read" in result.stderr
     assert "tiny.png: 4×4 is too small" in result.stderr
+    assert "bomb.png: image is 20000×20000 (400.0 MP), over the limit of 100 MP" in result.stderr
     for handled in (gray16, rgba, gray, small, good):
         mask = cv2.imread(str(out / f"{handled.stem}.mask.png"), cv2.IMREAD_UNCHANGED)
         assert mask is not None and mask.shape == cv2.imread(str(handled), cv2.IMREAD_UNCHANGED).shape[:2]
-    assert "segmented 5 of 9 images" in result.stdout
+    assert "segmented 5 of 10 images" in result.stdout
 
 
 @pytest.mark.slow
@@ -130,3 +137,14 @@ def test_nan_and_odd_frames_through_the_api(tiny_sd21, tmp_path):
         segmenter.segment([np.zeros((64, 64, 3), np.uint8)] * 2, [classes] * 3)
     flat = segmenter.segment([np.full((50, 70, 3), 128, np.uint8)], classes)[0]
     assert flat.labels.shape == (50, 70) and np.isfinite(flat.maps).all()
+
+
+def test_engine_cli_config_refuses_nested_values_before_walking_them(tmp_path):
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    config = tmp_path / "engine.yaml"
+    config.write_text(f"model: m\nclasses: [{', '.join(levels)}]\n")
+    started = time.perf_counter()
+    with pytest.raises(SettingsError, match="classes: must be a value or a list of values, not a nested structure"):
+        resolve_options(argparse.Namespace(config=str(config)))
+    assert time.perf_counter() - started < 1.0

@@ -60,7 +60,6 @@ def judge(golden: Golden, defect_presence: dict[str, float], good_presence: dict
     return not problems, "; ".join(problems) or f"defect {golden.defect_class} {score:.3f} > {limit:.3f}, good image clean"
 
 
-def message(worker: str, golden: Golden, passed: bool, detail: str, presence: dict[str, Any]) -> dict[str, Any]:
-    """The `selftest` header the worker sends to the publisher."""
-    return {"worker": worker, "camera": golden.camera, "ok": passed, "detail": detail, "ts": time.time(),
-            "presence": presence}
+def message(worker: str, golden: Golden, passed: bool, detail: str) -> dict[str, Any]:
+    """The `selftest` header the worker sends to the publisher (schema: daemon.messages.Boundary.self_test)."""
+    return {"worker": worker, "camera": golden.camera, "ok": passed, "detail": detail, "ts": time.time()}

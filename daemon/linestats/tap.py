@@ -18,6 +18,7 @@ from daemon.calibration import health_baselines
 from daemon.config import DaemonConfig
 from daemon.linestats.health import STATES, HealthMonitor
 from daemon.linestats.store import STORE_NAME, FrameSummary, SummaryWriter
+from daemon.messages import SelfTest
 from daemon.metrics import Registry
 
 TICK_S = 0.5
@@ -54,17 +55,12 @@ class LineTap:
         if worker:
             self.served.setdefault(worker, set()).add(camera)
 
-    def self_test(self, header: dict[str, Any]) -> None:
-        """A worker's `selftest` message: the verdict applies to every camera that worker serves."""
-        worker = str(header.get("worker") or "")[:128]
-        camera = header.get("camera")
-        cameras = set(self.served.get(worker, set()))
-        if camera in self.monitor.cameras:
-            cameras.add(camera)
-        passed = header.get("ok") is True
-        detail = f"self-test of {worker}: " + str(header.get("detail") or "")[:MAX_DETAIL_CHARS]
+    def self_test(self, outcome: SelfTest) -> None:
+        """A worker's checked `selftest` message: the verdict applies to every camera that worker serves."""
+        cameras = self.served.get(outcome.worker, set()) | {outcome.camera}
+        passed = outcome.ok
+        detail = f"self-test of {outcome.worker}: {outcome.detail[:MAX_DETAIL_CHARS]}"
         self.monitor.self_test(sorted(cameras), passed, detail)
-        self.metrics.inc("iseg_self_tests_total", result="pass" if passed else "fail")
 
     def tick(self, publish: Callable[[str, dict[str, Any]], None], store_alert: Callable[[dict[str, Any]], int],
              now: float | None = None) -> None:
@@ -108,14 +104,6 @@ class LineTap:
     def _gauge(self, camera: str, current: str) -> None:
         for state in STATES:
             self.metrics.set("iseg_camera_health_state", 1 if state == current else 0, camera=camera, state=state)
-
-    def state(self) -> dict[str, Any]:
-        """Health of every camera and the writer's counters, for the publisher's heartbeat (/stats)."""
-        out: dict[str, Any] = {"health": {c: self.monitor.snapshot(c) for c in self.cameras}}
-        if self.writer is not None:
-            out["linestats"] = {"written_frames": self.writer.written_frames, "dropped": self.writer.dropped,
-                                "errors": self.writer.errors}
-        return out
 
     def close(self) -> None:
         """Write what is queued."""

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from daemon.config import ConfigError, load_config, parse_config
+from daemon.config import CAMERA_ID_PATTERN, ConfigError, config_json_schema, load_config, parse_config, parse_config_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,3 +112,112 @@ def test_engine_backend_options_resolve(tmp_path):
     assert config.engine.cuda_graphs and config.engine.compile and config.onnx_path is None
     path.write_text(yaml.safe_dump(minimal(engine={"model_dir": "m", "backend": "onnx", "onnx_dir": "exported"})))
     assert load_config(path).onnx_path == tmp_path / "exported"
+
+
+def camera(**fields):
+    return {"id": "a", "source": "synthetic", **fields}
+
+
+@pytest.mark.parametrize("doc, message", [
+    (minimal(cameras=[camera(id="-a")]), "cameras[0].id: '-a' must start with a letter or digit"),
+    (minimal(cameras=[camera(id="../etc")]), "cameras[0].id: '../etc' must start with a letter or digit"),
+    (minimal(cameras=[camera(id="a/b")]), "cameras[0].id: 'a/b' must start with a letter or digit"),
+    (minimal(cameras=[camera(id="x" * 65)]), "cameras[0].id: "),
+    (minimal(cameras=[camera(tcp_port=70000)], sockets={"remote": {"host": "h", "server_key": "s", "client_key": "c"}}),
+     "cameras[0].tcp_port: 70000 must be <= 65535"),
+    (minimal(cameras=[camera(tcp_port=5599)], sockets={"remote": {"host": "h", "server_key": "s", "client_key": "c"}}),
+     "cameras[0].tcp_port: 5599 is already used"),
+    (minimal(sockets={"remote": {"host": "h", "server_key": "s", "client_key": "c", "results_port": 0}}),
+     "sockets.remote.results_port: 0 must be >= 1"),
+    (minimal(metrics={"listen": "127.0.0.1:99999"}), "metrics.listen: '127.0.0.1:99999' must be host:port with a port"),
+    (minimal(sockets={"frames_hwm": 10**30}), "sockets.frames_hwm: 1000000000000000000000000000000 must be <= 1000000"),
+    (minimal(sockets={"publish_hwm": 0}), "sockets.publish_hwm: 0 must be >= 1"),
+    (minimal(worker={"max_wait_ms": 1e300}), "worker.max_wait_ms: 1e+300 must be <= 60000"),
+    (minimal(worker={"batch_timeout_s": float("inf")}), "worker.batch_timeout_s: inf must be a finite number"),
+    (minimal(worker={"batch_size": 10**6}), "worker.batch_size: 1000000 must be <= 256"),
+    (minimal(alerts={"n": 10**9, "k": 1}), "alerts.n: 1000000000 must be <= 1000"),
+    (minimal(cameras=[camera(read_timeout_s=1e300)]), "cameras[0].read_timeout_s: 1e+300 must be <= 3600"),
+    (minimal(cameras=[camera(fps=float("nan"))]), "cameras[0].fps: nan must be a finite number"),
+    (minimal(cameras=[camera(roi=[0, 0, 10, 0])]), "cameras[0].roi[3]: 0 must be >= 1"),
+    (minimal(cameras=[camera(synthetic={"width": 10**9})]), "cameras[0].synthetic.width: 1000000000 must be <= 4096"),
+    (minimal(supervisor={"max_restarts": -1}), "supervisor.max_restarts: -1 must be >= 0"),
+    (minimal(limits={"max_image_pixels": 0}), "limits.max_image_pixels: 0 must be >= 1"),
+    (minimal(limits={"max_pixels": 5}), "limits.max_pixels: unknown key (known: max_image_pixels)"),
+    (minimal(engine={"model_dir": "m", "settings": {"iters": 10**12}}), "engine.settings.iters: 1000000000000 must be in"),
+    (minimal(engine={"model_dir": "m", "settings": {"size": 8192}}), "engine.settings.size: 8192 must be a multiple of 64 in"),
+    (minimal(cameras=[]), "cameras: list at least one"),
+    (minimal(worker={"count": "2"}), "worker.count: '2' must be an integer"),
+])
+def test_numbers_and_ids_are_bounded(doc, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_lists_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        parse_config(minimal(worker={"batch": 2}))
+    assert str(err.value) == ("worker.batch: unknown key (known: count, batch_size, max_wait_ms, batch_timeout_s, "
+                              "torch_threads)")
+
+
+def test_limits_section_and_json_schema():
+    assert parse_config(minimal()).limits.max_image_pixels == 100_000_000
+    assert parse_config(minimal(limits={"max_image_pixels": 5_000_000})).limits.max_image_pixels == 5_000_000
+    schema = config_json_schema()
+    assert schema["additionalProperties"] is False and set(schema["required"]) == {"state_dir", "engine", "cameras"}
+    camera_schema = schema["$defs"]["CameraConfig"]
+    assert camera_schema["properties"]["id"]["pattern"] == CAMERA_ID_PATTERN
+    assert camera_schema["properties"]["tcp_port"]["anyOf"][0] == {"maximum": 65535, "minimum": 1, "type": "integer"}
+    assert schema["$defs"]["EngineConfig"]["properties"]["settings"]["additionalProperties"] is False
+    assert schema["$defs"]["LimitsConfig"]["properties"]["max_image_pixels"]["default"] == 100_000_000
+
+
+def billion_laughs() -> str:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        previous = chr(ord("a") + i - 1)
+        lines.append(f"{chr(ord('a') + i)}: &{chr(ord('a') + i)} [{', '.join(['*' + previous] * 10)}]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (billion_laughs(), "the YAML expands to more than 100000 nodes"),
+    ("a: " + "[" * 20_000 + "]" * 20_000 + "\n", "invalid YAML: exceeded maximum nesting depth"),
+    ("a:\n" + "".join("  " * i + f"- k{i}:\n" for i in range(1, 40)) + "  " * 40 + "- x\n", "YAML nested deeper than 32"),
+    ("# padding\n" * 110_000, "config is larger than 1000 kB"),
+])
+def test_hostile_yaml_is_refused_quickly(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert time.perf_counter() - started < 5.0  # generous: CI shares two cores
+    assert message in str(err.value) and str(err.value).startswith(str(path)), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_pure_python_yaml_depth_guard(monkeypatch):
+    monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        parse_config_text("a: " + "[" * 20_000 + "]" * 20_000 + "\n", "deep.yaml")
+    assert time.perf_counter() - started < 5.0  # generous: CI shares two cores
+    assert str(err.value) == "deep.yaml: line 1 YAML nested deeper than 32 levels"
+
+
+def test_validate_config_exit_codes_for_hostile_files(tmp_path):
+    cases = {"laughs.yaml": billion_laughs(), "deep.yaml": "a: " + "[" * 20_000 + "]" * 20_000 + "\n",
+             "dash.yaml": "state_dir: s\nengine: {model_dir: m}\ncameras: [{id: -x, source: synthetic}]\n",
+             "port.yaml": "state_dir: s\nengine: {model_dir: m}\ncameras: [{id: a, source: synthetic}]\n"
+                          "metrics: {listen: '127.0.0.1:65536'}\n",
+             "huge.yaml": "state_dir: s\nengine: {model_dir: m}\ncameras: [{id: a, source: synthetic}]\n"
+                          "worker: {max_wait_ms: 1e400}\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        done = run_cli("validate-config", str(tmp_path / name))
+        assert done.returncode == 1 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, (name, done.stderr)
+    schema = run_cli("validate-config", "--schema")
+    assert schema.returncode == 0 and json.loads(schema.stdout)["title"] == "DaemonConfig"

@@ -27,6 +27,7 @@ from daemon.linestats.store import (BINS, Bucket, FrameSummary, SummaryStore, Su
 from daemon.linestats.tap import LineTap
 from daemon.linestats.verdicts import Verdict
 from daemon.linestats.whatif import WhatIfError, parse_range, replay_alerts, what_if
+from daemon.messages import Boundary, Rejected, SelfTest
 from daemon.metrics import Registry
 
 T0 = 1_780_000_000.0 - (1_780_000_000.0 % 3600)  # an hour boundary
@@ -282,11 +283,11 @@ def test_failed_self_test_marks_served_cameras_unreliable_with_stored_alerts(tmp
     tap.observe("belt2", T0, {"crack": 0.1}, [], {"crack": 0.0}, [], scene(1), "worker.0")
     tap.tick(lambda topic, body: published.append((topic, body)), lambda a: stored.append(a) or len(stored), now=T0)
     assert {t for t, _ in published} == {"health.belt1", "health.belt2"}
-    tap.self_test({"worker": "worker.0", "camera": "belt1", "ok": False, "detail": "defect image no longer flags scratch"})
+    tap.self_test(SelfTest("worker.0", "belt1", False, "defect image no longer flags scratch", T0))
     tap.tick(lambda topic, body: published.append((topic, body)), lambda a: stored.append(a) or len(stored), now=T0 + 1)
     assert sorted((a["camera"], a["state"]) for a in stored) == [("belt1", "unreliable"), ("belt2", "unreliable")]
     assert all(a["kind"] == "health" and "inspection unreliable" in a["reason"] for a in stored)
-    tap.self_test({"worker": "worker.0", "camera": "belt1", "ok": True, "detail": "fine"})
+    tap.self_test(SelfTest("worker.0", "belt1", True, "fine", T0))
     tap.tick(lambda topic, body: published.append((topic, body)), lambda a: stored.append(a) or len(stored), now=T0 + 2)
     assert [(a["state"], a["recovered"]) for a in stored[2:]] == [("ok", True), ("ok", True)]
     snapshot = tap.metrics.snapshot()["gauges"]["iseg_camera_health_state"]
@@ -294,6 +295,19 @@ def test_failed_self_test_marks_served_cameras_unreliable_with_stored_alerts(tmp
     assert api.health(config, now=T0 + 2)["cameras"]["belt1"]["state"] == "ok"
     assert api.health(config, now=T0 + 600)["cameras"]["belt1"]["state"] == "unknown"
     tap.close()
+
+
+def test_self_test_message_schema():
+    boundary = Boundary({"belt1": ("scratch",)})
+    header = {"worker": "worker.0", "camera": "belt1", "ok": False, "detail": "x", "ts": time.time()}
+    assert boundary.self_test([b"selftest", json.dumps(header).encode()]).ok is False
+    for bad, reason in (({**header, "camera": "belt9"}, "camera"), ({**header, "ok": "yes"}, "type"),
+                        ({**header, "ts": 1e400}, "range"), ({**header, "detail": "x" * 5000}, "range")):
+        with pytest.raises(Rejected) as err:
+            boundary.self_test([b"selftest", json.dumps(bad).encode()])
+        assert err.value.reason in (reason, "json")
+    with pytest.raises(Rejected):
+        boundary.self_test([b"selftest", json.dumps(header).encode(), b"extra"])
 
 
 def test_self_test_verdict():

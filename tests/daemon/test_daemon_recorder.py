@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from daemon.config import parse_config
+from daemon.messages import Boundary, Flagged
 from daemon.metrics import Registry
 from daemon.recorder import Recorder, RecordingStore
 from daemon.render import encode_jpeg, encode_png
-from daemon.wire import Message, array_header
+from daemon.wire import array_header
 
 
 def config_for(state: Path, **recorder):
@@ -26,15 +27,15 @@ def config_for(state: Path, **recorder):
                          "cameras": [{"id": "cam", "source": "synthetic"}], "recorder": recorder})
 
 
-def flagged_message(seq: int, size: int = 64, ts: float | None = None) -> Message:
+def flagged_message(seq: int, size: int = 64, ts: float | None = None) -> Flagged:
     rng = np.random.default_rng(seq)
     frame = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
     labels = (rng.random((size, size)) > 0.5).astype(np.uint8)
     header = {"camera": "cam", "seq": seq, "capture_ts": ts or time.time(), "flagged": ["scratch"],
               "presence": {"scratch": 0.9}, "alert_ids": [], "frame": array_header(frame),
               "publisher_session": "p", "flag_seq": seq + 1}
-    return Message("flagged.cam", header, [memoryview(frame.tobytes()), memoryview(encode_png(labels)),
-                                            memoryview(encode_jpeg(frame))])
+    return Boundary({"cam": ("scratch", "dent")}).flagged(
+        [b"flagged.cam", json.dumps(header).encode(), frame.tobytes(), encode_png(labels), encode_jpeg(frame)])
 
 
 def test_recordings_are_complete_indexed_and_reviewable(tmp_path):
@@ -68,18 +69,43 @@ def test_recover_removes_half_written_and_reindexes(tmp_path):
     assert not any(store.tmp.iterdir()) and store.count() == 1
 
 
-def test_retention_by_age_and_by_free_disk(tmp_path):
-    store = RecordingStore(tmp_path)
-    for seq in range(4):
+def five_recordings(store: RecordingStore, days_old: list[float]) -> None:
+    for seq, age in enumerate(days_old):
         store.write({"camera": "cam", "seq": seq, "capture_ts": time.time(), "flagged": [], "presence": {}},
-                    {"original.png": b"a", "mask.png": b"b", "overlay.jpg": b"c"})
-    with store.db:
-        store.db.execute("UPDATE recordings SET created = created - 10 * 86400 WHERE seq = 0")
-    assert store.enforce_retention(retention_days=5, min_free_mb=0) == 1
-    assert [r["seq"] for r in store.list()] == [3, 2, 1]
-    free = store.free_mb()
-    assert store.enforce_retention(retention_days=5, min_free_mb=free * 10) == 3, "oldest first until none are left"
-    assert store.count() == 0 and not any(store.root.glob("*/cam/*"))
+                    {"original.png": b"a" * 1000, "mask.png": b"b", "overlay.jpg": b"c"})
+        with store.db:
+            store.db.execute("UPDATE recordings SET created = created - ? WHERE seq = ?", (age * 86400, seq))
+
+
+def test_retention_by_age_keeps_confirmed_and_recent(tmp_path):
+    store = RecordingStore(tmp_path)
+    five_recordings(store, [10, 10, 10, 0.5, 0])
+    store.mark(2, "confirmed")
+    assert store.enforce_retention(retention_days=5, min_free_mb=0) == 2, "unreviewed 1 and 3 only"
+    assert [r["seq"] for r in store.list()] == [4, 3, 1]
+    assert store.enforce_retention(retention_days=0.1, min_free_mb=0, keep_recent_h=24) == 0, "the last 24 h stay"
+    assert store.enforce_retention(retention_days=5, min_free_mb=0, delete_confirmed=True) == 1
+
+
+def test_retention_by_free_disk_deletes_unreviewed_first_and_never_everything(tmp_path, caplog):
+    store = RecordingStore(tmp_path, logging.getLogger("test.retention"))
+    five_recordings(store, [9, 8, 7, 6, 0])
+    store.mark(1, "confirmed")
+    store.mark(2, "false-alarm")
+    disk = {"free": 0.0}
+    store.free_mb = lambda: disk["free"] + (5 - store.count()) * 0.001  # each deletion frees ~1 kB
+    with caplog.at_level(logging.INFO, "test.retention"):
+        assert store.enforce_retention(retention_days=30, min_free_mb=0.0015) == 2
+    assert sorted(r["id"] for r in store.list()) == [1, 2, 5], "unreviewed 3 and 4 (oldest first) went first"
+    assert "2 unreviewed" in caplog.text and "ids 3, 4" in caplog.text and "min_free_mb" in caplog.text
+    assert store.enforce_retention(retention_days=30, min_free_mb=0.0025) == 1
+    assert sorted(r["id"] for r in store.list()) == [1, 5], "then the false alarm; confirmed and recent stay"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "test.retention"):
+        assert store.enforce_retention(retention_days=30, min_free_mb=1e9) == 0
+    assert store.count() == 2 and "deleting none" in caplog.text, "an unreachable floor deletes nothing"
+    assert store.enforce_retention(retention_days=30, min_free_mb=0.004, keep_recent_h=0, delete_confirmed=True) == 1
+    assert [r["id"] for r in store.list()] == [1], "unreviewed goes before confirmed, even when recent is allowed"
 
 
 def test_free_disk_floor_counts_disk_full_and_keeps_going(tmp_path):

@@ -1,5 +1,5 @@
-"""Bad input against real role processes: malformed and corrupt frames into a worker,
-cameras that are unreachable or absent. Nothing may crash; everything is counted."""
+"""Bad input against real role processes: malformed, corrupt and generated hostile frames into a
+worker, cameras that are unreachable or absent. Nothing may crash; everything is counted."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import zmq
 from conftest import REPO, free_port
 
 from daemon.wire import frame_header, recv, send
+from tests.hostile_messages import hostile_frames
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -71,6 +72,9 @@ def test_worker_survives_malformed_and_corrupt_frames(make_config):
         frames.send_multipart([b"frame.belt1", json.dumps(floats).encode(), good.astype(np.float64).tobytes()])
         stranger = frame_header("nope", 3, time.time(), good, session="s")
         frames.send_multipart([b"frame.nope", json.dumps(stranger).encode(), good.tobytes()])
+        hostile = hostile_frames()
+        for _what, parts in hostile:
+            frames.send_multipart(parts)
         scrap = np.zeros((4, 4, 3), np.uint8)  # a frame the engine cannot take
         send(frames, "frame.belt1", frame_header("belt1", 4, time.time(), scrap, session="s"), [scrap])
         send(frames, "frame.belt1", frame_header("belt1", 5, time.time(), good, session="s"), [good])
@@ -84,7 +88,11 @@ def test_worker_survives_malformed_and_corrupt_frames(make_config):
         assert labels.shape == (96, 128)
         assert set(outcomes[2].header["presence"]) == {"scratch", "dent"}
         heartbeat = last_heartbeat(telemetry, "worker.t", lambda h: counter(h, "iseg_worker_frames_total") == 2, 10)
-        assert counter(heartbeat, "iseg_worker_bad_messages_total") == 5
+        heartbeat = last_heartbeat(telemetry, "worker.t",
+                                   lambda h: counter(h, "iseg_rejected_messages_total") >= 5 + len(hostile), 10)
+        assert counter(heartbeat, "iseg_rejected_messages_total") == 5 + len(hostile)
+        reasons = {k.split('reason="')[1].split('"')[0] for k in heartbeat["metrics"]["counters"]["iseg_rejected_messages_total"]}
+        assert {"parts", "json", "camera", "shape", "size", "range", "type", "missing"} <= reasons, reasons
         assert counter(heartbeat, "iseg_worker_failed_frames_total") == 1
         assert worker.poll() is None
     finally:

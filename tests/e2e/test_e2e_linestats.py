@@ -64,13 +64,9 @@ class Masks:
         self.ctx.term()
 
 
-def health_of(daemon) -> dict:
-    return daemon.stats()["roles"]["publisher"]["state"].get("health", {}).get("belt1", {})
-
-
 def wait_health(daemon, state: str, timeout: float, reason: str = "") -> dict:
-    return daemon.wait_for(lambda s: s["roles"]["publisher"]["state"].get("health", {}).get("belt1", {}).get("state") == state
-                           and reason in s["roles"]["publisher"]["state"]["health"]["belt1"].get("reason", ""),
+    """Until /stats shows belt1 in this health state (with this text in its reason)."""
+    return daemon.wait_for(lambda s: s["health"]["belt1"]["state"] == state and reason in s["health"]["belt1"]["reason"],
                            timeout, f"health {state} {reason}")
 
 

@@ -94,3 +94,22 @@ def test_wrong_password_is_a_redacted_error_and_capture_keeps_trying(make_config
     log = capture.log()
     assert log.count("cannot open http://***@127.0.0.1") >= 2 and "wrong user or password" in log, log
     assert PASSWORD not in log
+
+
+def test_mjpeg_frames_over_the_pixel_limit_are_refused_at_open(camera):
+    from daemon.config import parse_config
+    from daemon.sources import SourceError, open_source
+
+    source_url = f"http://inspect:{PASSWORD}@127.0.0.1:{camera.port}/video"
+    settings = parse_config({"state_dir": "s", "engine": {"model_dir": "m"},
+                             "cameras": [{"id": "belt1", "source": source_url, "open_timeout_s": 3.0}]}).cameras[0]
+    refused = open_source(settings, max_pixels=320 * 240 - 1)
+    with pytest.raises(SourceError, match=r"frames are 320×240 \(0.1 MP\), over the limit of 0.076799 MP") as err:
+        refused.open()
+    assert PASSWORD not in str(err.value)
+    accepted = open_source(settings, max_pixels=320 * 240)
+    accepted.open()
+    try:
+        assert accepted.read().shape == (240, 320, 3)
+    finally:
+        accepted.close()

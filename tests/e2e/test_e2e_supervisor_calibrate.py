@@ -47,8 +47,14 @@ def test_calibration_sets_thresholds_the_worker_uses(make_config, start_daemon):
     assert scratch["n"] == 8 and scratch["min"] <= scratch["p50"] <= scratch["max"] <= 1.0
     assert scratch["threshold"] == pytest.approx(min(1.0, scratch["p90"] + 0.05))
     assert "threshold" in done.stdout
+    # calibration writes through the live-override path: audited, shown as overrides, the config's values stay defaults
+    shown = json.loads(iseg("thresholds", "show", "--json", "--config", str(config)).stdout)
+    dent = document["per_class"]["dent"]["threshold"]
+    assert {(r["class"], r["source"], r["default_source"]) for r in shown["thresholds"]} == {
+        ("scratch", "override", "default"), ("dent", "override", "config")}
+    assert {e["user"] for e in shown["audit"]} == {"calibrate"}
     daemon = start_daemon(config)
     daemon.wait_for(lambda s: s["roles"]["worker.0"]["state"].get("ready"), 120, "worker ready")
     daemon.terminate()
     log = daemon.log_path.read_text()
-    assert f"scratch={scratch['threshold']:.3f} (calibration)" in log and "dent=1.000 (config)" in log
+    assert f"scratch={scratch['threshold']:.3f} (override), dent={dent:.3f} (override)" in log
