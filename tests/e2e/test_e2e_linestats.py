@@ -143,8 +143,11 @@ def test_thresholds_health_stats_and_kill9(make_config, start_daemon, tmp_path):
             cue.write_text("")
             wait_health(daemon, "ok", 30)
 
-        status, metrics = daemon.get("/metrics")
-        assert 'iseg_camera_health_state{camera="belt1",state="ok"} 1' in metrics
+        deadline = time.monotonic() + 10  # metrics travel in heartbeats, once a second
+        while 'iseg_camera_health_state{camera="belt1",state="ok"} 1' not in daemon.get("/metrics")[1]:
+            assert time.monotonic() < deadline, daemon.get("/metrics")[1]
+            time.sleep(0.3)
+        metrics = daemon.get("/metrics")[1]
         assert 'iseg_camera_health_state{camera="belt1",state="frozen"} 0' in metrics
 
         alerts = [json.loads(body) for (body,) in sqlite3.connect(state / "alerts.sqlite3").execute("SELECT body FROM alerts")]

@@ -51,7 +51,7 @@ def test_calibration_sets_thresholds_the_worker_uses(make_config, start_daemon):
     shown = json.loads(iseg("thresholds", "show", "--json", "--config", str(config)).stdout)
     dent = document["per_class"]["dent"]["threshold"]
     assert {(r["class"], r["source"], r["default_source"]) for r in shown["thresholds"]} == {
-        ("scratch", "override", "default"), ("dent", "override", "config")}
+        ("scratch", "override", "calibration"), ("dent", "override", "config")}
     assert {e["user"] for e in shown["audit"]} == {"calibrate"}
     daemon = start_daemon(config)
     daemon.wait_for(lambda s: s["roles"]["worker.0"]["state"].get("ready"), 120, "worker ready")
