@@ -4,8 +4,9 @@ the summed mask area.
 
 Histograms have BINS fixed bins on [0, 1], right-closed: bin i holds scores in
 (i/BINS, (i+1)/BINS] (bin 0 also holds 0), so "score > t" is exactly "bin >= t*BINS" for
-any threshold on the 0.01 grid. A minute's histogram is stored sparse (bin index + count
-for the non-empty bins), which keeps a row near 60 bytes.
+any threshold on the 0.01 grid. A minute's histogram is stored as the span from its first to
+its last non-empty bin, in the narrowest integer width that holds its counts (a minute's scores
+sit in a few neighbouring bins, so a row is about 50 bytes; see scripts/linestats_size.py).
 
 The publisher hands frames to `SummaryWriter.add` (a bounded queue, never blocking); a
 thread aggregates them and commits every `stats.flush_s` seconds, adding to rows that
@@ -36,11 +37,11 @@ RETENTION_EVERY_S = 3600.0
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS names (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL, "
     "UNIQUE (kind, name))",
-    "CREATE TABLE IF NOT EXISTS minutes (camera INTEGER NOT NULL, class INTEGER NOT NULL, minute INTEGER NOT NULL, "
+    "CREATE TABLE IF NOT EXISTS minutes (minute INTEGER NOT NULL, camera INTEGER NOT NULL, class INTEGER NOT NULL, "
     "frames INTEGER NOT NULL, flagged INTEGER NOT NULL, alerts INTEGER NOT NULL, area_sum REAL NOT NULL, "
-    "hist BLOB NOT NULL, PRIMARY KEY (camera, class, minute)) WITHOUT ROWID",
-    "CREATE INDEX IF NOT EXISTS minutes_by_time ON minutes (minute)",
+    "hist BLOB NOT NULL, PRIMARY KEY (minute, camera, class)) WITHOUT ROWID",
 )
+_WIDTHS = {1: "u1", 2: "<u2", 4: "<u4"}
 
 
 def score_bin(score: float) -> int:
@@ -49,16 +50,22 @@ def score_bin(score: float) -> int:
 
 
 def encode_histogram(counts: np.ndarray) -> bytes:
-    """Sparse form: the non-empty bins' indices (uint8) then their counts (uint32 LE)."""
+    """[width, first bin] + the counts from the first to the last non-empty bin as 1-, 2- or 4-byte integers."""
     nonzero = np.flatnonzero(counts)
-    return nonzero.astype(np.uint8).tobytes() + counts[nonzero].astype("<u4").tobytes()
+    if not nonzero.size:
+        return b"\x01\x00"
+    span = counts[nonzero[0]:nonzero[-1] + 1]
+    top = int(span.max())
+    width = 1 if top < 2 ** 8 else 2 if top < 2 ** 16 else 4
+    return bytes((width, int(nonzero[0]))) + span.astype(_WIDTHS[width]).tobytes()
 
 
 def decode_histogram(blob: bytes) -> np.ndarray:
-    """Dense int64 counts of BINS bins from the sparse form."""
-    n = len(blob) // 5
+    """Dense int64 counts of BINS bins from the stored form."""
+    width, first = blob[0], blob[1]
+    span = np.frombuffer(blob, _WIDTHS[width], offset=2)
     counts = np.zeros(BINS, np.int64)
-    counts[np.frombuffer(blob[:n], np.uint8)] = np.frombuffer(blob[n:5 * n], "<u4")
+    counts[first:first + span.size] = span
     return counts
 
 
@@ -116,14 +123,14 @@ class SummaryStore:
             for (camera, name, minute), bucket in buckets.items():
                 cam_id, cls_id = self._id("camera", camera), self._id("class", name)
                 row = self.db.execute("SELECT frames, flagged, alerts, area_sum, hist FROM minutes "
-                                      "WHERE camera = ? AND class = ? AND minute = ?", (cam_id, cls_id, minute)).fetchone()
+                                      "WHERE minute = ? AND camera = ? AND class = ?", (minute, cam_id, cls_id)).fetchone()
                 frames, flagged, alerts, area = bucket.frames, bucket.flagged, bucket.alerts, bucket.area_sum
                 hist = bucket.hist
                 if row is not None:
                     frames, flagged, alerts, area = frames + row[0], flagged + row[1], alerts + row[2], area + row[3]
                     hist = hist + decode_histogram(row[4])
                 self.db.execute("INSERT OR REPLACE INTO minutes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                (cam_id, cls_id, minute, frames, flagged, alerts, area, encode_histogram(hist)))
+                                (minute, cam_id, cls_id, frames, flagged, alerts, area, encode_histogram(hist)))
 
     def minutes(self, camera: str | None = None, cls: str | None = None, since: float | None = None,
                 until: float | None = None) -> list[dict[str, Any]]:

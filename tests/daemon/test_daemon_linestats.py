@@ -54,10 +54,12 @@ def minute(m: int, scores: list[float], flagged_at: float = 0.5, alerts: int = 0
 
 def test_bins_are_right_closed_so_score_above_grid_threshold_is_exact():
     assert [score_bin(s) for s in (0.0, 0.01, 0.0100001, 0.5, 0.505, 1.0, 1.5, -0.2)] == [0, 0, 1, 49, 50, 99, 99, 0]
-    counts = np.zeros(BINS, np.int64)
-    counts[[0, 7, 99]] = [3, 70000, 1]
-    blob = encode_histogram(counts)
-    assert len(blob) == 15 and np.array_equal(decode_histogram(blob), counts)
+    for bins, values, size in (([0, 7, 99], [3, 70000, 1], 2 + 100 * 4), ([30, 32], [200, 5], 2 + 3),
+                               ([50], [300], 2 + 2), ([], [], 2)):
+        counts = np.zeros(BINS, np.int64)
+        counts[bins] = values
+        blob = encode_histogram(counts)
+        assert len(blob) == size and np.array_equal(decode_histogram(blob), counts)
 
 
 def test_store_merges_minutes_even_when_the_clock_jumps_back(tmp_path):
