@@ -341,3 +341,30 @@ def test_api_stats_and_whatif_over_the_store(tmp_path):
         api.stats(config, "nope")
     with pytest.raises(ThresholdError, match="unknown class"):
         api.whatif(config, "belt2", "scratch")
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    import yaml
+
+    from daemon.cli import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "engine": {"model_dir": str(tmp_path / "m")},
+                                    "cameras": [{"id": "belt1", "source": "synthetic", "classes": ["scratch", "dent"]}]}))
+    cases = [(["thresholds", "set", "--camera", "belt1", "--cls", "scratch", "--value", "nan"], "outside [0, 1]"),
+             (["thresholds", "set", "--camera", "belt1", "--cls", "scratch", "--value", "1.2"], "outside [0, 1]"),
+             (["thresholds", "set", "--camera", "belt2", "--cls", "scratch", "--value", "0.5"], "(known: belt1)"),
+             (["thresholds", "whatif", "--camera", "belt1", "--cls", "crack"], "(known: scratch, dent)"),
+             (["thresholds", "revert", "--camera", "belt1", "--cls", "dent"], "no change to revert"),
+             (["stats", "--camera", "belt7"], "(known: belt1)"),
+             (["stats", "--since", "soon"], "--since")]
+    for args, expected in cases:
+        assert main([*args, "--config", str(path)]) == 1, args
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert main(["stats", "--config", str(path)]) == 0 and "no statistics" in capsys.readouterr().out
+    assert main(["thresholds", "set", "--camera", "belt1", "--cls", "dent", "--value", "0.25", "--reason", "why",
+                 "--config", str(path)]) == 0
+    assert "0.500 (default) -> 0.250 (override)" in capsys.readouterr().out
+    assert main(["thresholds", "show", "--config", str(path)]) == 0
+    assert "by " in capsys.readouterr().out
