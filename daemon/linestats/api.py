@@ -57,13 +57,15 @@ def thresholds(config: DaemonConfig) -> dict[str, Any]:
     return {"thresholds": book.show(), "audit": book.audit(limit=50)}
 
 
-def whatif(config: DaemonConfig, camera: str, cls: str, range_text: str = "0.1:0.9:0.01") -> dict[str, Any]:
-    """What each candidate threshold would have done for one camera/class over the stored history."""
+def whatif(config: DaemonConfig, camera: str, cls: str, range_text: str = "0.1:0.9:0.01", since: str = "7d",
+           now: float | None = None) -> dict[str, Any]:
+    """What each candidate threshold would have done for one camera/class over the last `since`."""
     check_target(config, camera, cls)
     candidates = parse_range(range_text)
+    start = (time.time() if now is None else now) - parse_since(since)
     current = next(r for r in ThresholdBook(config).show() if r["camera"] == camera and r["class"] == cls)
-    result = what_if(_minutes(config, camera=camera, cls=cls), judged(config.state_path, camera), cls, candidates,
-                     _calendar(config), config.alerts.k, config.alerts.n, config.alerts.cooldown_s)
+    result = what_if(_minutes(config, camera=camera, cls=cls, since=start), judged(config.state_path, camera, start),
+                     cls, candidates, _calendar(config), config.alerts.k, config.alerts.n, config.alerts.cooldown_s)
     return {"camera": camera, "current": {"value": current["value"], "source": current["source"]}, **result}
 
 

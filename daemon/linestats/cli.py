@@ -38,7 +38,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_whatif(args: argparse.Namespace) -> int:
-    result = api.whatif(load_config(args.config), args.camera, args.cls, args.range)
+    result = api.whatif(load_config(args.config), args.camera, args.cls, args.range, args.since)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -117,6 +117,7 @@ def register(sub: Any) -> None:
 
     whatif = action("whatif", "what each candidate threshold would have flagged and alerted", True)
     whatif.add_argument("--range", default="0.1:0.9:0.01", help="start:stop:step (default 0.1:0.9:0.01)")
+    whatif.add_argument("--since", default="7d", help="history to replay: 7d, 24h, 30d ... (default 7d)")
     whatif.add_argument("--json", action="store_true")
     whatif.set_defaults(func=_guard(cmd_whatif))
     setter = action("set", "override a threshold now (running workers apply it within 2 s)", True)

@@ -56,35 +56,34 @@ def grid_index(threshold: float) -> int:
     return int(round(threshold * BINS))
 
 
-def flagged_per_minute(minutes: list[dict[str, Any]], threshold: float) -> np.ndarray:
-    """How many frames of each minute score above the threshold."""
-    j = grid_index(threshold)
+def above_counts(minutes: list[dict[str, Any]]) -> np.ndarray:
+    """[minutes, BINS + 1]: column j holds how many frames of each minute score above j / BINS."""
     if not minutes:
-        return np.zeros(0, np.int64)
-    return np.stack([m["hist"] for m in minutes])[:, j:].sum(axis=1)
+        return np.zeros((0, BINS + 1), np.int64)
+    hist = np.stack([m["hist"] for m in minutes])
+    tail = np.zeros((len(minutes), BINS + 1), np.int64)
+    tail[:, :BINS] = hist[:, ::-1].cumsum(axis=1)[:, ::-1]
+    return tail
 
 
 def replay_alerts(minutes: list[dict[str, Any]], flagged: np.ndarray, k: int, n: int, cooldown_s: float) -> int:
-    """Alerts the k-of-n debouncer with cooldown raises on the per-minute sequence (see METHOD)."""
+    """Alerts the k-of-n debouncer with cooldown raises on the per-minute sequence (see METHOD).
+
+    Only minutes with flagged frames are visited; the unflagged frames between them are pushed
+    into the window in one step (the window holds the last n frames' flags; [] = all unflagged)."""
+    frames = np.fromiter((m["frames"] for m in minutes), np.int64, len(minutes))
+    before = np.concatenate(([0], np.cumsum(frames)))
     window: list[bool] = []
     last: float | None = None
     alerts = 0
-    for minute, m in zip(minutes, flagged):
-        frames = int(minute["frames"])
-        if frames <= 0:
-            continue
-        m = int(m)
-        if m == 0:
-            window = (window + [False] * min(frames, n))[-n:]
-            continue
-        base = minute["minute"] * 60.0
-        step = 60.0 / frames
-        first = None
-        for i in range(1, min(m, k) + 1):
-            recent = (window + [True] * i)[-n:]
-            if sum(recent) >= k:
-                first = i
-                break
+    previous = -1
+    for index in np.flatnonzero(flagged):
+        gap = int(before[index] - before[previous + 1])
+        if gap:
+            window = [] if gap >= n else (window + [False] * gap)[-n:]
+        count, m = int(frames[index]), int(flagged[index])
+        base, step = minutes[index]["minute"] * 60.0, 60.0 / count
+        first = next((i for i in range(1, min(m, k) + 1) if sum((window + [True] * i)[-n:]) >= k), None)
         if first is not None:
             i = first
             while i <= m:
@@ -94,8 +93,9 @@ def replay_alerts(minutes: list[dict[str, Any]], flagged: np.ndarray, k: int, n:
                     last = ts
                     i += 1
                 else:
-                    i = max(i + 1, int(math.ceil((last + cooldown_s - base) / step)) + 1)
-        window = (window + [True] * min(m, n) + [False] * min(frames - m, n))[-n:]
+                    i = max(i + 1, int(math.ceil((last + cooldown_s - base) / step - 1e-9)) + 1)
+        window = (window + [True] * min(m, n) + [False] * min(count - m, n))[-n:]
+        previous = index
     return alerts
 
 
@@ -109,9 +109,10 @@ def what_if(minutes: list[dict[str, Any]], verdicts: list[Verdict], cls: str, th
     confirmed = [v.presence.get(cls, 0.0) for v in verdicts if cls in v.flagged and v.status == "confirmed"]
     false_alarms = [v.presence.get(cls, 0.0) for v in verdicts if cls in v.flagged and v.status == "false-alarm"]
     total_frames = int(sum(m["frames"] for m in minutes))
+    above = above_counts(minutes)
     rows = []
     for threshold in thresholds:
-        flagged = flagged_per_minute(minutes, threshold)
+        flagged = above[:, grid_index(threshold)]
         per_shift = {name: 0 for name in shift_names}
         for name, count in zip(shift_of, flagged):
             per_shift[name] += int(count)
