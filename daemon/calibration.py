@@ -107,7 +107,7 @@ def collect_frames(camera: CameraConfig, count: int, timeout_s: float = 120.0,
 def run_calibration(config: DaemonConfig, camera_id: str, count: int, report: Any = print) -> Path:
     """Segment `count` known-good frames, store the score distribution and thresholds; returns the file."""
     from daemon.linestats.overrides import ThresholdBook
-    from daemon.worker import load_segmenter
+    from daemon.model_setup import load_segmenter
 
     camera = config.camera(camera_id)
     if not 2 <= count <= 100_000:

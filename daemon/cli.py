@@ -20,7 +20,7 @@ import zmq
 
 from daemon.config import ConfigError, DaemonConfig, config_json_schema, load_config
 from daemon.sources import SourceError
-from engine.errors import EngineError
+from engine import EngineError
 
 MAX_STORED_ID = 2**63 - 1
 """SQLite's largest integer: no recording or alert id is larger, and a larger one would overflow the query."""
@@ -177,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The full `iseg` parser."""
     parser = argparse.ArgumentParser(prog="iseg", description="Camera inspection with iSeg (training-free segmentation).")
     sub = parser.add_subparsers(dest="command", required=True)
-    import engine.cli
+    from engine import register_commands
 
-    engine.cli.register(sub)
+    register_commands(sub)
 
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)

@@ -24,8 +24,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from daemon.linestats.config import HealthConfig, ShiftConfig, StatsConfig, check_linestats, check_shifts
-from engine.errors import EngineError
-from engine.settings import DEFAULT_BG_CONTEXT, IsegSettings
+from engine import DEFAULT_BG_CONTEXT, DtypeName, EngineError, IsegSettings
 
 MAX_CONFIG_BYTES = 1_000_000
 """A config file larger than this is refused before it is parsed (real configs are a few kB)."""
@@ -195,11 +194,11 @@ class CameraConfig(Section):
 
 
 class EngineConfig(Section):
-    """What `engine.segmenter.Segmenter.load` gets; `settings` override ISEG_SPEC defaults."""
+    """What `engine.segmenter.Segmenter.load` gets; `settings` override the method defaults (docs/method.md §10)."""
 
     model_dir: Annotated[Text, Field(min_length=1)]
     device: Annotated[Text, Field(min_length=1, max_length=64)] = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: DtypeName = "float32"
     backend: Literal["torch", "onnx"] = "torch"
     onnx_dir: Optional[Text] = None
     compile: StrictBool = False

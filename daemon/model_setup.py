@@ -13,10 +13,12 @@ import fcntl
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 from daemon.config import ConfigError, DaemonConfig
-from engine.errors import InputError, ModelLoadError
+from engine import InputError, ModelLoadError
 
 log = logging.getLogger("iseg.model")
 
@@ -37,7 +39,7 @@ def ensure_model(config: DaemonConfig) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (path / "model_index.json").is_file():
             return path
-        from engine.tiny_model import build_tiny_model
+        from engine import build_tiny_model
 
         building = path.parent / f".{path.name}.building-{os.getpid()}"
         shutil.rmtree(building, ignore_errors=True)
@@ -47,6 +49,38 @@ def ensure_model(config: DaemonConfig) -> Path:
             path.rmdir()
         os.rename(building, path)
     return path
+
+
+def load_segmenter(config: DaemonConfig, log: logging.Logger) -> tuple[Any, dict[str, Any]]:
+    """Load the model and cache every camera's text embedding; returns (segmenter, class set per camera)."""
+    from engine import ClassSet, Segmenter
+
+    if config.worker.torch_threads:
+        import torch
+
+        torch.set_num_threads(config.worker.torch_threads)
+    model_dir = ensure_model(config)
+    started = time.monotonic()
+    engine = config.engine
+    segmenter = Segmenter.load(model_dir, device=engine.device, dtype=engine.dtype, settings=engine.settings,
+                               cache_dir=config.state_path / "embeddings", backend=engine.backend,
+                               onnx_dir=config.onnx_path, compile_blocks=engine.compile,
+                               cuda_graphs=engine.cuda_graphs, max_batch=config.worker.batch_size)
+    class_sets = {}
+    for i, camera in enumerate(config.cameras):
+        try:
+            class_sets[camera.id] = ClassSet(camera.classes, camera.bg_context)
+            segmenter.prepare(class_sets[camera.id])
+        except InputError as err:
+            raise InputError(f"cameras[{i}] ({camera.id}): {err}") from None
+    log.info("model %s loaded on %s/%s (backend %s%s%s), %d class set(s) cached in %.1fs", model_dir, engine.device,
+             engine.dtype, engine.backend, ", compiled" if engine.compile else "",
+             ", CUDA graphs" if engine.cuda_graphs else "", len(class_sets), time.monotonic() - started)
+    if engine.cuda_graphs or engine.compile:
+        seconds = segmenter.warm_up(next(iter(class_sets.values())))
+        log.info("warmed up batch sizes %s in %.1fs (graph capture / compilation done before the first frame)",
+                 ",".join(map(str, seconds)), sum(seconds.values()))
+    return segmenter, class_sets
 
 
 def check_prompts(config: DaemonConfig) -> bool:
@@ -59,8 +93,7 @@ def check_prompts(config: DaemonConfig) -> bool:
     from transformers import CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from engine.prompt import tokenize_prompt
-    from engine.results import ClassSet
+    from engine import ClassSet, tokenize_prompt
 
     try:
         tokenizer = CLIPTokenizer.from_pretrained(config.model_path, subfolder="tokenizer", local_files_only=True)

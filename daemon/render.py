@@ -8,8 +8,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-PALETTE_RGB = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-               (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+from engine import PALETTE
+
+PALETTE_RGB = [tuple(int(v) for v in colour) for colour in PALETTE]
+"""The engine's class colours (class k: PALETTE_RGB[(k − 1) % len]), so overlays match `iseg segment`."""
 
 
 def regions(labels: np.ndarray, classes: list[str], roi_offset: list[int], min_area_px: int, max_boxes: int) -> dict[str, Any]:

@@ -18,8 +18,7 @@ import cv2
 import numpy as np
 
 from daemon.config import CameraConfig, LimitsConfig
-from engine.errors import InputError
-from engine.image_io import check_image_size, image_dimensions
+from engine import InputError, check_image_size, image_dimensions
 
 
 class SourceError(Exception):

@@ -23,11 +23,11 @@ from daemon.linestats import selftest
 from daemon.linestats.overrides import OverrideWatcher, effective_thresholds
 from daemon.messages import MAX_FRAME_PIXELS, Boundary, Rejected, Rejections
 from daemon.metrics import Registry
-from daemon.model_setup import ensure_model
+from daemon.model_setup import load_segmenter
 from daemon.role import EX_CONFIG, Heartbeat, StopFlag
 from daemon.security import connect_curve_client, stop_authenticators
 from daemon.wire import array_header, now, send
-from engine.errors import InputError, ModelLoadError, SettingsError
+from engine import InputError, ModelLoadError, SettingsError
 
 IDLE_DRAIN_S = 0.3
 DRAIN_MAX_S = 5.0
@@ -39,39 +39,6 @@ class PendingFrame:
 
     header: dict[str, Any]
     frame: np.ndarray
-
-
-def load_segmenter(config: DaemonConfig, log: logging.Logger) -> tuple[Any, dict[str, Any]]:
-    """Load the model and cache every camera's text embedding; returns (segmenter, class set per camera)."""
-    from engine.results import ClassSet
-    from engine.segmenter import Segmenter
-
-    if config.worker.torch_threads:
-        import torch
-
-        torch.set_num_threads(config.worker.torch_threads)
-    model_dir = ensure_model(config)
-    started = time.monotonic()
-    engine = config.engine
-    segmenter = Segmenter.load(model_dir, device=engine.device, dtype=engine.dtype, settings=engine.settings,
-                               cache_dir=config.state_path / "embeddings", backend=engine.backend,
-                               onnx_dir=config.onnx_path, compile_blocks=engine.compile,
-                               cuda_graphs=engine.cuda_graphs, max_batch=config.worker.batch_size)
-    class_sets = {}
-    for i, camera in enumerate(config.cameras):
-        try:
-            class_sets[camera.id] = ClassSet(camera.classes, camera.bg_context)
-            segmenter.prepare(class_sets[camera.id])
-        except InputError as err:
-            raise InputError(f"cameras[{i}] ({camera.id}): {err}") from None
-    log.info("model %s loaded on %s/%s (backend %s%s%s), %d class set(s) cached in %.1fs", model_dir, engine.device,
-             engine.dtype, engine.backend, ", compiled" if engine.compile else "",
-             ", CUDA graphs" if engine.cuda_graphs else "", len(class_sets), time.monotonic() - started)
-    if engine.cuda_graphs or engine.compile:
-        seconds = segmenter.warm_up(next(iter(class_sets.values())))
-        log.info("warmed up batch sizes %s in %.1fs (graph capture / compilation done before the first frame)",
-                 ",".join(map(str, seconds)), sum(seconds.values()))
-    return segmenter, class_sets
 
 
 def connect_sockets(ctx: zmq.Context, config: DaemonConfig, remote: bool) -> tuple[zmq.Socket, zmq.Socket, list[str]]:
@@ -283,7 +250,7 @@ def run_worker(config: DaemonConfig, stop: StopFlag, name: str = "worker.0", rem
                  config.worker.batch_size, config.worker.max_wait_ms, ", ".join(endpoints))
         metrics.set("iseg_worker_ready", 1, worker=name)
         heartbeat.progress()  # loading took long; without this the first "ready" heartbeat looks like a stuck loop
-        heartbeat.update(ready=True, backend=segmenter.backend.name, cuda_graphs=segmenter.torch_backend.cuda_graphs)
+        heartbeat.update(ready=True, backend=segmenter.backend_name, cuda_graphs=segmenter.cuda_graphs)
         worker.loop(pull, push, stop)
         log.info("worker %s stopped (%s)", name, stop.signal_name or "done")
     finally:

@@ -38,9 +38,9 @@ class SegmentResult:
     """One frame's output.
 
     labels: uint8 [H, W] at the frame's size; 0 = background, k = classes[k-1].
-    maps: float32 [K, H, W] per-class maps in [0, 1] before labelling (ISEG_SPEC §6);
+    maps: float32 [K, H, W] per-class maps in [0, 1] before labelling (docs/method.md §7);
         None when segment() was asked not to keep them.
-    presence: float32 [K]; see engine.presence for what it measures (range [0, 1]).
+    presence: float32 [K]; see engine.method.presence for what it measures (range [0, 1]).
     timings_ms: per-stage milliseconds of the batch this frame was in, divided per frame.
     """
 

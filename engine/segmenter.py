@@ -1,4 +1,4 @@
-"""The iSeg pipeline: frames + class sets → maps, label masks and presence scores (ISEG_SPEC §1–7)."""
+"""The iSeg pipeline: frames + class sets → maps, label masks and presence scores (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,22 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from engine.attention_capture import AttentionRecorder
-from engine.clustering import cluster_means, kl_kmeans
-from engine.cross_maps import CrossLevel, class_columns, token_maps
-from engine.cuda_graphs import batch_buckets
-from engine.ent_self import entropy_reduced_transition
+from engine.backends.cuda_graphs import batch_buckets
+from engine.backends.torch_backend import TorchBackend
 from engine.errors import InputError, SettingsError
-from engine.interactive import box_column, point_columns, prompt_mask
-from engine.masks import class_maps, label_mask
-from engine.model_loader import LoadedModel, load_model
-from engine.preprocess import check_frame, frames_to_batch
-from engine.presence import presence_scores
-from engine.refine import refine
+from engine.method.clustering import cluster_means, kl_kmeans, seed_indices
+from engine.method.cross_maps import CrossLevel, class_columns, token_maps
+from engine.method.ent_self import entropy_reduced_transition
+from engine.method.interactive import box_column, point_columns, prompt_mask
+from engine.method.masks import class_maps, label_mask
+from engine.method.preprocess import check_frame, frames_to_batch
+from engine.method.presence import presence_scores
+from engine.method.refine import refine
+from engine.method.text_cache import TextEmbeddingCache, TextEntry
+from engine.model.attention_capture import AttentionRecorder
+from engine.model.loader import LoadedModel, load_model
 from engine.results import ClassSet, SegmentResult
 from engine.settings import IsegSettings
-from engine.text_cache import TextEmbeddingCache, TextEntry
-from engine.torch_backend import TorchBackend
 
 log = logging.getLogger("engine.segmenter")
 
@@ -81,9 +81,19 @@ class Segmenter:
             return cls(model, settings, cache_dir, compile_blocks=compile_blocks, cuda_graphs=cuda_graphs,
                        max_batch=max_batch)
         if backend == "onnx":
-            from engine.onnx_backend import onnx_backend_factory
+            from engine.backends.onnx_backend import onnx_backend_factory
             return cls(model, settings, cache_dir, backend=onnx_backend_factory(onnx_dir))
         raise InputError(f"backend: {backend!r} must be torch or onnx")
+
+    @property
+    def backend_name(self) -> str:
+        """Which backend runs the VAE and the UNet: "torch" or "onnx"."""
+        return self.backend.name
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the torch backend replays captured CUDA graphs."""
+        return self.torch_backend.cuda_graphs
 
     @property
     def fingerprint(self) -> str:
@@ -169,12 +179,10 @@ class Segmenter:
         levels = self._levels(recorder)
         c_all, raw_all = token_maps(levels, self.latent_hw)
         transitions = entropy_reduced_transition(recorder.mean("self"), self.settings.ent)
-        x0 = []
-        for index, entry in enumerate(entries):
-            c = c_all[index]
-            if self.settings.cluster:
-                c = cluster_means(c, kl_kmeans(c, self.latent_hw, self.settings.cluster_seeds, self.settings.cluster_iters))
-            x0.append(class_columns(c, entry.spans))
+        if self.settings.cluster:
+            labels = kl_kmeans(c_all, self.latent_hw, self.settings.cluster_seeds, self.settings.cluster_iters)
+            c_all = cluster_means(c_all, labels, len(seed_indices(self.latent_hw, self.settings.cluster_seeds)))
+        x0 = [class_columns(c_all[index], entry.spans) for index, entry in enumerate(entries)]
         refined = list(x0)
         by_class_count: dict[int, list[int]] = {}
         for index, columns in enumerate(x0):
@@ -213,7 +221,7 @@ class Segmenter:
     def segment_prompt(self, frame: np.ndarray, points: Sequence[tuple[float, float]] | None = None,
                        box: tuple[float, float, float, float] | None = None,
                        scribble: Sequence[tuple[float, float]] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Interactive modes (ISEG_SPEC §7): exactly one of a point list, a box or a scribble.
+        """Interactive modes (docs/method.md §9): exactly one of a point list, a box or a scribble.
 
         Returns (mask uint8 [H, W] with 1 = selected, map float32 [H, W] in [0, 1]).
         """

@@ -1,10 +1,10 @@
-"""Method settings (ISEG_SPEC defaults), validated once so the hot path can trust them."""
+"""Method settings (defaults and meaning: docs/method.md §10), validated once so the hot path can trust them."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 from engine.errors import SettingsError
 
@@ -12,10 +12,15 @@ DEFAULT_BG_CONTEXT = "ground, land, grass, tree, building, wall, sky, lake, wate
 
 BackgroundMode = Literal["threshold", "power"]
 
+DtypeName = Literal["float32", "float16", "bfloat16"]
+"""The weight dtypes a model can be loaded with (float16/bfloat16 on a GPU)."""
+
+DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
+
 
 @dataclass(frozen=True)
 class IsegSettings:
-    """Every number of ISEG_SPEC that a config may override; defaults are the spec's.
+    """Every number of the method that a config may override; defaults are the authors'.
 
     `self_heads` is "auto" (heads [1,2] for SD 2.x, all heads for SD 1.x), "all", or a
     tuple of head indices of the 64×64 self-attention layer.

@@ -127,7 +127,7 @@ def run_demo(seconds: float, fps: float | None, warmup: float = 8.0) -> dict:
 def engine_only(frames: int) -> dict:
     """The same engine, settings, frames and batch size as the demo worker, with no daemon around it."""
     from daemon.sources import SyntheticSource
-    from daemon.worker import load_segmenter
+    from daemon.model_setup import load_segmenter
 
     with tempfile.TemporaryDirectory(prefix="iseg-bench-") as tmp:
         config = load_config(demo_config(Path(tmp), None))

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.bench import BENCH_CLASSES, bench_frames, flops_per_frame, measure, peak_tflops
-from engine.full_size import build_full_size_model
+from engine.backends.torch_backend import compile_static_blocks
 from engine.segmenter import Segmenter
 from engine.settings import IsegSettings
-from engine.torch_backend import compile_static_blocks
+from engine.tools.bench import BENCH_CLASSES, bench_frames, flops_per_frame, measure, peak_tflops
+from engine.tools.full_size import build_full_size_model
 
 BATCHES = (1, 4, 8, 16)
 
@@ -129,8 +129,8 @@ def main() -> int:
         if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(providers):
             return {"skipped": f"onnxruntime {onnxruntime.__version__} here has only {providers}; "
                                "onnxruntime-gpu (255 MB wheel) exceeds the 64 MiB carry limit"}
-        from engine.onnx_backend import onnx_backend_factory
-        from engine.onnx_export import export_onnx
+        from engine.backends.onnx_backend import onnx_backend_factory
+        from engine.backends.onnx_export import export_onnx
         onnx_dir = cache / "onnx-full-size-sd21"
         if not (onnx_dir / "manifest.json").is_file():
             export_onnx(model_dir, onnx_dir, size=settings.size)

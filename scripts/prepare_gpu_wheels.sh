@@ -11,7 +11,7 @@ $PY -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 
   "diffusers==0.42.1" "pyzmq==27.1.0" "importlib_metadata" "zipp"
 $PY - <<'PYEOF'
 import shutil
-from engine.clip_vocab import locate_vocab
+from engine.model.clip_vocab import locate_vocab
 shutil.copy(locate_vocab(), ".whl/bpe_simple_vocab_16e6.txt.gz")
 PYEOF
 du -sh .whl

@@ -17,11 +17,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("ISEG_TEST_MODEL_CACHE", REPO / ".cache" / "iseg-tests"))
+BUILDER_SOURCES = ("engine/tools/tiny_model.py", "engine/model/clip_vocab.py", "engine/model/layers.py",
+                   "engine/method/prompt.py")
+"""What the tiny model's weights depend on: the builder, the tokenizer files, the layers it
+calibrates and the prompt it calibrates with."""
 
 
 def _builder_key() -> str:
     digest = hashlib.sha256()
-    for source in ("engine/tiny_model.py", "engine/clip_vocab.py"):
+    for source in BUILDER_SOURCES:
         digest.update((REPO / source).read_bytes())
     return digest.hexdigest()[:12]
 
@@ -35,7 +39,7 @@ def tiny_model_path(family: str, seed: int = 0) -> Path:
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "model_index.json").is_file():
-            from engine.tiny_model import build_tiny_model
+            from engine import build_tiny_model
 
             building = target.with_name(target.name + ".building")
             shutil.rmtree(building, ignore_errors=True)
@@ -59,6 +63,6 @@ def tiny_sd15() -> Path:
 @pytest.fixture(scope="session")
 def clip_vocab() -> Path:
     """The real CLIP BPE vocabulary file (fetched from the open_clip_torch wheel once)."""
-    from engine.clip_vocab import locate_vocab
+    from engine.model.clip_vocab import locate_vocab
 
     return locate_vocab(progress=lambda _line: None)

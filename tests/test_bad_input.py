@@ -9,13 +9,13 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.cli import resolve_options
 from engine.errors import InputError, ModelLoadError, SettingsError
-from engine.model_loader import load_model
+from engine.model.loader import load_model
 from engine.results import ClassSet
-from engine.samples_index import sample_paths
 from engine.segmenter import Segmenter
 from engine.settings import IsegSettings
+from engine.tools.cli import resolve_options
+from engine.tools.samples import sample_paths
 from tests.crafted_images import png_declaring
 from tests.engine_cli import run_iseg
 
@@ -51,21 +51,31 @@ def test_incomplete_model_folder(tiny_sd21, tmp_path):
 
 @pytest.mark.slow
 def test_unet_without_the_read_layers(tiny_sd21, tmp_path):
+    # A UNet that loads fine (config and weights agree) but whose second down block has no
+    # attention: the layer check, not the weight loader, must refuse it, and say which layer.
+    from diffusers import UNet2DConditionModel
+
     copy = tmp_path / "model"
     shutil.copytree(tiny_sd21, copy)
-    config_path = copy / "unet" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["down_block_types"] = ["CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]
-    config_path.write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="down_blocks.1.attentions.1|could not be loaded"):
+    config = dict(UNet2DConditionModel.load_config(copy / "unet"))
+    config["down_block_types"] = ["CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    config["up_block_types"] = ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"]
+    shutil.rmtree(copy / "unet")
+    UNet2DConditionModel.from_config(config).save_pretrained(copy / "unet", safe_serialization=True)
+    with pytest.raises(ModelLoadError) as error:
         load_model(copy)
+    assert str(error.value).startswith("unet: layer down_blocks.1.attentions.1.transformer_blocks.0.attn2 is missing")
+    assert "SD 1.x/2.x UNet topology" in str(error.value)
+    result = run_iseg("segment", str(sample_paths()[0]), "--model", str(copy), "--classes", "scratch",
+                      "--out", str(tmp_path / "o"), cache_dir=tmp_path / "c")
+    assert "layer down_blocks.1.attentions.1.transformer_blocks.0.attn2 is missing" in _one_line_error(result)
 
 
 def test_cuda_asked_without_gpu(tmp_path):
     import torch
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    from engine.model_loader import resolve_device
+    from engine.model.loader import resolve_device
     with pytest.raises(ModelLoadError, match="no CUDA GPU"):
         resolve_device("cuda")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from transformers import CLIPTokenizer
 
-from engine import clip_vocab
-from engine.clip_vocab import (MAX_LENGTH, NUM_MERGES, VOCAB_NAME, VOCAB_SIZE, WHEEL_MEMBER, bytes_to_unicode,
+from engine.model import clip_vocab
+from engine.model.clip_vocab import (MAX_LENGTH, NUM_MERGES, VOCAB_NAME, VOCAB_SIZE, WHEEL_MEMBER, bytes_to_unicode,
                                locate_vocab, write_clip_tokenizer)
 from engine.errors import ModelLoadError
 

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.image_io import read_image
+from engine.backends.torch_backend import COMPILED_BLOCKS
 from engine.results import ClassSet
-from engine.samples_index import sample_paths
 from engine.segmenter import Segmenter
 from engine.settings import IsegSettings
-from engine.torch_backend import COMPILED_BLOCKS
+from engine.tools.image_io import read_image
+from engine.tools.samples import sample_paths
 
 pytestmark = pytest.mark.slow
 

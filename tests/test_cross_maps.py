@@ -2,9 +2,9 @@
 
 import torch
 
-from engine.cross_maps import CrossLevel, class_columns, token_maps
-from engine.interactive import box_column, point_columns, prompt_mask
-from engine.presence import presence_scores
+from engine.method.cross_maps import CrossLevel, class_columns, token_maps
+from engine.method.interactive import box_column, point_columns, prompt_mask
+from engine.method.presence import presence_scores
 
 
 def test_token_maps_normalise_upsample_and_weight():

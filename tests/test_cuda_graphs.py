@@ -1,4 +1,4 @@
-"""CUDA-graph replay (engine/cuda_graphs.py): buckets, padding, input copy-in, output copy-out.
+"""CUDA-graph replay (engine/backends/cuda_graphs.py): buckets, padding, input copy-in, output copy-out.
 
 This machine has no GPU, so the capture is replaced by `InPlaceReplay`, which keeps what
 matters of CUDA-graph semantics: the graph's output tensors are fixed, hold nothing useful
@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from engine.cuda_graphs import CudaGraphCapture, PaddedBatches, StaticGraphs, batch_buckets
+from engine.backends.cuda_graphs import CudaGraphCapture, PaddedBatches, StaticGraphs, batch_buckets
+from engine.backends.torch_backend import TorchBackend
 from engine.errors import SettingsError
-from engine.image_io import read_image
 from engine.results import ClassSet
-from engine.samples_index import sample_paths
 from engine.segmenter import Segmenter
 from engine.settings import IsegSettings
-from engine.torch_backend import TorchBackend
+from engine.tools.image_io import read_image
+from engine.tools.samples import sample_paths
 from tests.engine_cli import run_iseg
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.ent_self import entropy_reduced_transition
+from engine.method.ent_self import entropy_reduced_transition
 
 
 def test_two_by_two_by_hand():

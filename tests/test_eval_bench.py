@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.evaluate import confusion, iou_from_confusion
-from engine.samples_index import sample_paths
+from engine.results import SegmentResult
+from engine.settings import IsegSettings
+from engine.tools.evaluate import confusion, evaluate, iou_from_confusion
+from engine.tools.samples import sample_paths
 from tests.engine_cli import run_iseg
 
 
@@ -34,6 +36,40 @@ def _dataset(folder):
         indexed = Image.fromarray(mask, mode="P")
         indexed.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (252 * 3))
         indexed.save(folder / "masks" / (path.stem + ".png"))
+
+
+class ShiftedBoxSegmenter:
+    """Stands in for the engine: labels each image's one class on the true box moved 50 px
+    right (rows 100–199, columns 200–349), so every IoU is known in advance."""
+
+    settings = IsegSettings()
+
+    def __init__(self):
+        self.class_sets = []
+
+    def segment(self, frames, class_sets, keep_maps=True):
+        results = []
+        for frame, class_set in zip(frames, class_sets):
+            self.class_sets.append(class_set.classes)
+            labels = np.zeros(frame.shape[:2], np.uint8)
+            labels[100:200, 200:350] = 1
+            results.append(SegmentResult(class_set.classes, labels, None, np.zeros(1, np.float32)))
+        return results
+
+
+def test_eval_miou_on_a_known_answer(tmp_path):
+    _dataset(tmp_path / "data")
+    segmenter = ShiftedBoxSegmenter()
+    report = evaluate(segmenter, tmp_path / "data", batch_size=2, progress=False)
+    # Each image has its own class on a 100×150 box; the prediction overlaps it on 100×100:
+    # IoU = 10000 / (15000 + 15000 − 10000) = 0.5 per class. Background (top 5 rows ignored):
+    # true positives = valid − 20000, union = valid − 10000, summed over the images.
+    assert segmenter.class_sets == [("scratch",), ("dent",), ("crack",)]
+    valid = [cv2.imread(str(path)).shape[1] * (cv2.imread(str(path)).shape[0] - 5) for path in sample_paths()]
+    background = sum(v - 20000 for v in valid) / sum(v - 10000 for v in valid)
+    assert report["iou"] == pytest.approx({"background": background, "scratch": 0.5, "dent": 0.5, "crack": 0.5})
+    assert report["miou"] == pytest.approx((background + 1.5) / 4)
+    assert report["pixel_accuracy"] == pytest.approx(sum(v - 10000 for v in valid) / sum(valid))
 
 
 @pytest.mark.slow

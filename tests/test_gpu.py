@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine.image_io import read_image
 from engine.results import ClassSet
-from engine.samples_index import sample_paths
 from engine.segmenter import Segmenter
 from engine.settings import IsegSettings
+from engine.tools.image_io import read_image
+from engine.tools.samples import sample_paths
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

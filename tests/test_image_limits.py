@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import InputError
-from engine.image_io import check_image_size, image_dimensions, read_image
+from engine.tools.image_io import check_image_size, image_dimensions, read_image
 from tests.crafted_images import png_declaring, tiff_declaring
 
 

@@ -1,8 +1,8 @@
-"""Maps to labels in threshold and power modes (ISEG_SPEC §6)."""
+"""Maps to labels in threshold and power modes (docs/method.md §7)."""
 
 import torch
 
-from engine.masks import class_maps, label_mask
+from engine.method.masks import class_maps, label_mask
 
 
 def test_threshold_mode_by_hand():

@@ -7,9 +7,9 @@ raise the IoU against the known segmentation well above the unrefined maps.
 
 import torch
 
-from engine.ent_self import entropy_reduced_transition
-from engine.masks import class_maps, label_mask
-from engine.refine import normalise_columns, refine
+from engine.method.ent_self import entropy_reduced_transition
+from engine.method.masks import class_maps, label_mask
+from engine.method.refine import normalise_columns, refine
 
 SIDE = 24
 

@@ -10,15 +10,17 @@ import onnx
 import pytest
 import torch
 
+from engine.backends.onnx_backend import OnnxBackend, onnx_backend_factory
+from engine.backends.onnx_export import export_onnx
+from engine.backends.onnx_format import MANIFEST, UNET_FILE, VAE_FILE
 from engine.errors import ModelLoadError
-from engine.image_io import read_image
-from engine.onnx_backend import OnnxBackend, onnx_backend_factory
-from engine.onnx_export import GROUPS, MANIFEST, UNET_FILE, VAE_FILE, export_onnx
-from engine.cli import register
+from engine.model.layers import GROUPS
 from engine.results import ClassSet
-from engine.samples_index import sample_paths
 from engine.segmenter import Segmenter
 from engine.settings import IsegSettings
+from engine.tools.cli import register
+from engine.tools.image_io import read_image
+from engine.tools.samples import sample_paths
 
 pytestmark = pytest.mark.slow
 

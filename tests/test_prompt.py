@@ -5,16 +5,21 @@ from pathlib import Path
 import pytest
 from transformers import CLIPTokenizer
 
-from engine.clip_vocab import locate_vocab, write_clip_tokenizer
 from engine.errors import InputError
-from engine.prompt import build_prompt, tokenize_prompt
+from engine.method.prompt import build_prompt, tokenize_prompt
+from engine.model.clip_vocab import locate_vocab, write_clip_tokenizer
 from engine.results import ClassSet
 
 
 @pytest.fixture(scope="module", params=["sd21", "sd15"])
-def tokenizer(request, tmp_path_factory) -> CLIPTokenizer:
-    folder = tmp_path_factory.mktemp(f"tok-{request.param}")
-    write_clip_tokenizer(Path(folder), request.param, locate_vocab())
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def tokenizer(family, tmp_path_factory) -> CLIPTokenizer:
+    folder = tmp_path_factory.mktemp(f"tok-{family}")
+    write_clip_tokenizer(Path(folder), family, locate_vocab())
     return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
@@ -34,11 +39,17 @@ def test_multi_token_class_takes_all_its_tokens(tokenizer):
     assert len(ids) == 77
 
 
-def test_padding_uses_the_models_own_pad_token(tokenizer):
+# SD 2.x's tokenizer pads with "!" (id 0), SD 1.x's with <|endoftext|> (49407): the padded
+# positions feed the 77-token attention, so the wrong pad changes every map.
+PAD_ID = {"sd21": 0, "sd15": 49407}
+
+
+def test_padding_uses_the_models_own_pad_token(tokenizer, family):
+    assert tokenizer.pad_token_id == PAD_ID[family]
     ids = tokenize_prompt(tokenizer, ClassSet(("scratch",))).input_ids
     end = ids.index(49407)
-    assert all(i == tokenizer.pad_token_id for i in ids[end + 1:])
-    assert tokenizer.pad_token_id in (0, 49407)
+    assert ids[end + 1:] == [PAD_ID[family]] * (77 - end - 1)
+    assert 0 < end < 76  # the prompt leaves padded positions to check
 
 
 def test_spans_of_names_with_punctuation_and_case(tokenizer):

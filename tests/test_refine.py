@@ -2,7 +2,7 @@
 
 import torch
 
-from engine.refine import normalise_columns, refine
+from engine.method.refine import normalise_columns, refine
 
 
 def test_normalise_columns_by_hand():

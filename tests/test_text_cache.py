@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.prompt import tokenize_prompt
+from engine.method.prompt import tokenize_prompt
 from engine.results import ClassSet
 from engine.segmenter import Segmenter
 from engine.settings import IsegSettings

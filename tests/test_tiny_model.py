@@ -15,12 +15,12 @@ import pytest
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from engine.tiny_model import build_tiny_model, calibration_image, folder_size_mb, measure_model_dir
+from engine.tools.tiny_model import build_tiny_model, calibration_image, folder_size_mb, measure_model_dir
 
 pytestmark = pytest.mark.slow
 
 FAMILY_HEADS = {"sd21": 5, "sd15": 8}
-SPEC_LAYERS = [  # ISEG_SPEC §2, with the resolution each is read at
+SPEC_LAYERS = [  # docs/method.md §2, with the resolution each is read at
     ("down_blocks.2.attentions.0", 16), ("down_blocks.2.attentions.1", 16), ("up_blocks.1.attentions.0", 16),
     ("up_blocks.1.attentions.1", 16), ("up_blocks.1.attentions.2", 16), ("down_blocks.1.attentions.1", 32),
     ("up_blocks.2.attentions.0", 32), ("up_blocks.2.attentions.1", 32), ("up_blocks.3.attentions.1", 64),

@@ -1,4 +1,4 @@
-"""Ent-Self (ISEG_SPEC §4): sharpen the self-attention so weak affinities fall to exactly zero."""
+"""Ent-Self (docs/method.md §5): sharpen the self-attention so weak affinities fall to exactly zero."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Iterative refinement (ISEG_SPEC §5): propagate class maps through the Ent-Self transition."""
+"""Iterative refinement (docs/method.md §6): propagate class maps through the Ent-Self transition."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Presence score per class, computed before any min–max normalisation (ISEG_SPEC §9).
+"""Presence score per class, computed before any min–max normalisation (docs/method.md §8).
 
 iSeg's maps are min–max normalised, so a mask appears on every frame, defect or not.
 The presence score is what can tell the two apart: for class k it is the **peak, over

@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import InputError
-from engine.image_io import DEFAULT_MAX_IMAGE_PIXELS, check_image_size, read_image
 from engine.results import ClassSet
+from engine.tools.image_io import DEFAULT_MAX_IMAGE_PIXELS, check_image_size, read_image
 
 IGNORE = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")

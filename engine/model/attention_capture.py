@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from engine.errors import SettingsError
-from engine.layers import READ_LAYERS, Group, all_attention_modules, resolve
+from engine.model.layers import READ_LAYERS, Group, all_attention_modules, resolve
 
 
 class StopUNet(Exception):

@@ -12,12 +12,13 @@ from typing import Any
 import torch
 
 from engine.errors import ModelLoadError
-from engine.layers import check_unet
+from engine.model.layers import check_unet
+from engine.settings import DTYPE_NAMES
 
 log = logging.getLogger("engine.model")
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""From refined class columns to per-class maps and a label mask (ISEG_SPEC §6)."""
+"""From refined class columns to per-class maps and a label mask (docs/method.md §7)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
 """A tiny, seeded Stable Diffusion with the real SD 1.5 / 2.1 topology, for tests and demos.
 
 The real weights are gigabytes and may not be downloaded here, yet the engine has to
-be exercised end to end: model loading, the exact attention layers of ISEG_SPEC §2,
+be exercised end to end: model loading, the exact attention layers of docs/method.md §2,
 head selection, the real CLIP tokenizer. This module builds a diffusers-format folder
 (10–30 MB) whose UNet has every layer iSeg reads, with tiny widths.
 
 Random weights give near-uniform attention with a few "hub" pixels that every query
 attends to, on which downstream tests would pass (or fail) for the wrong reasons. So
 the weights that shape attention are *calibrated* on a fixed synthetic image with four
-flat-coloured regions, noised at t=100 like ISEG_SPEC §1:
+flat-coloured regions, noised at t=100 like docs/method.md §1:
 - the VAE encoder becomes a smooth colour pooler with whitened latents (regions of one
   colour share a latent, and region contrast is not drowned by the t=100 noise);
 - in one UNet forward with pre-hooks (execution order, so each layer sees the effect
@@ -39,7 +39,10 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
-from engine.clip_vocab import VOCAB_SIZE, locate_vocab, write_clip_tokenizer
+from engine.method.prompt import build_prompt
+from engine.model.clip_vocab import VOCAB_SIZE, locate_vocab, write_clip_tokenizer
+from engine.model.layers import GROUP_DOWNSCALE, READ_LAYERS
+from engine.results import ClassSet
 
 IMAGE_SIZE = 512
 SD_SCALING = 0.18215
@@ -51,13 +54,10 @@ CROSS_TARGET_ENTROPY = 0.5
 HEAD_SPREAD = 0.05
 SAMPLE_ROWS = 256
 SAMPLE_CLASSES = ("red square", "blue disk")
-SAMPLE_CONTEXT = "ground, land, grass, tree, building, wall, sky, lake, water"
-SELF_LAYER = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"
-CROSS_LAYERS = {
-    16: ["down_blocks.2.attentions.0", "down_blocks.2.attentions.1", "up_blocks.1.attentions.0",
-         "up_blocks.1.attentions.1", "up_blocks.1.attentions.2"],
-    32: ["down_blocks.1.attentions.1", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"],
-}
+SELF_LAYER = next(layer.name for layer in READ_LAYERS if layer.group == "self")
+CROSS_LAYERS = {LATENT_SIZE // GROUP_DOWNSCALE[group]: [layer.name for layer in READ_LAYERS if layer.group == group]
+                for group in ("coarse", "mid")}
+"""Cross-attention layers the method reads, by query-grid side (16: 0.7 weight, 32: 0.3)."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ FAMILIES = {
 
 
 def sample_prompt(classes: tuple[str, ...] = SAMPLE_CLASSES) -> str:
-    """The iSeg prompt (ISEG_SPEC §1.4) for the calibration classes."""
-    return "a photograph of " + " and ".join(classes) + " and other object and background, " + SAMPLE_CONTEXT
+    """The iSeg prompt (docs/method.md §1.4) for the calibration classes, with the default background context."""
+    return build_prompt(ClassSet(classes))
 
 
 def calibration_image() -> tuple[np.ndarray, np.ndarray]:
@@ -356,7 +356,7 @@ def measure_attention(unet: UNet2DConditionModel, zt: torch.Tensor, emb: torch.T
     cross_regions: how many regions hold the peak of at least one token's cross map.
     """
     layers = _attention_layers(unet)
-    wanted = {SELF_LAYER} | {f"{b}.transformer_blocks.0.attn2" for r in CROSS_LAYERS.values() for b in r}
+    wanted = {SELF_LAYER} | {name for names in CROSS_LAYERS.values() for name in names}
     captured: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def capture(name: str) -> Callable:
@@ -384,10 +384,9 @@ def measure_attention(unet: UNet2DConditionModel, zt: torch.Tensor, emb: torch.T
     region_mass = float((mean_map * same).sum(-1).mean())
 
     cross_ent, peaks = [], set()
-    for res, blocks in CROSS_LAYERS.items():
+    for res, names in CROSS_LAYERS.items():
         maps = []
-        for block in blocks:
-            name = f"{block}.transformer_blocks.0.attn2"
+        for name in names:
             p = _attention_probs(layers[name], *captured[name])
             cross_ent.append(float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean() / math.log(p.shape[-1])))
             maps.append(p.mean(0))
@@ -408,7 +407,7 @@ def measure_attention(unet: UNet2DConditionModel, zt: torch.Tensor, emb: torch.T
 
 
 def noised_latent(vae: AutoencoderKL, scheduler: DDIMScheduler, rgb: np.ndarray) -> torch.Tensor:
-    """z_t of a 512×512 RGB uint8 image, made as ISEG_SPEC §1.1–1.3 makes it."""
+    """z_t of a 512×512 RGB uint8 image, made as docs/method.md §1.1–1.3 makes it."""
     z0 = vae.encode(_image_tensor(rgb)).latent_dist.mean * vae.config.scaling_factor
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(NOISE_SEED))
     return scheduler.add_noise(z0, eps, torch.tensor([TIMESTEP]))

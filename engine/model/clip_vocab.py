@@ -1,6 +1,6 @@
 """The real CLIP BPE vocabulary, and CLIP tokenizer folders built from it.
 
-Class-token positions (ISEG_SPEC §1.5) must come from the model's real tokenizer,
+Class-token positions (docs/method.md §1.4) must come from the model's real tokenizer,
 so even the tiny test models need the genuine 49408-entry CLIP vocabulary: a toy
 vocabulary would hide every sub-word bug. The vocabulary ships inside the
 open_clip_torch wheel on PyPI; we take that one file from the wheel (never

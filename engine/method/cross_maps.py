@@ -1,4 +1,4 @@
-"""Initial class maps (ISEG_SPEC §3): combine captured cross-attention into per-pixel token vectors."""
+"""Initial class maps (docs/method.md §3): combine captured cross-attention into per-pixel token vectors."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def token_maps(levels: list[CrossLevel], latent_hw: tuple[int, int]) -> tuple[to
     """(C, raw), both [B, N, T] on the latent grid, from one upsampling per level.
 
     C: each token map divided by its spatial sum at its own resolution, upsampled, weighted
-    (ISEG_SPEC §3). raw: the same without the division, i.e. attention shares in [0, 1]
+    (docs/method.md §3). raw: the same without the division, i.e. attention shares in [0, 1]
     (the presence score reads it). Bilinear upsampling is linear, so dividing after it by
     the pre-upsampling sum is the spec's order of operations.
     """

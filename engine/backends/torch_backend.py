@@ -8,11 +8,11 @@ import torch
 from diffusers.models.attention import FeedForward
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
-from engine.attention_capture import (AttentionRecorder, StopUNet, install_fast, install_naive,
+from engine.model.attention_capture import (AttentionRecorder, StopUNet, install_fast, install_naive,
                                       naive_to_recorder, resolve_self_heads)
-from engine.cuda_graphs import CudaGraphCapture, GraphCapture, PaddedBatches, StaticGraphs, batch_buckets
-from engine.layers import READ_LAYERS, resolve
-from engine.model_loader import LoadedModel
+from engine.backends.cuda_graphs import CudaGraphCapture, GraphCapture, PaddedBatches, StaticGraphs, batch_buckets
+from engine.model.layers import GROUPS, READ_LAYERS, resolve
+from engine.model.loader import LoadedModel
 from engine.settings import IsegSettings
 
 
@@ -20,7 +20,7 @@ class TorchBackend:
     """Runs the diffusers modules with capture processors on the read layers only.
 
     With `cuda_graphs` the VAE encode and the truncated UNet forward are replayed from CUDA
-    graphs captured per batch bucket up to `max_batch` (engine/cuda_graphs.py); `capture`
+    graphs captured per batch bucket up to `max_batch` (engine/backends/cuda_graphs.py); `capture`
     replaces the CUDA capture (tests emulate it on CPU). With `compile_blocks` alone, batches
     are padded to the same buckets so the compiled blocks see few shapes.
     """
@@ -116,9 +116,6 @@ class TorchBackend:
             install_fast(self.model.unet, self.recorder, self.self_heads, self._latent_ref)
         return naive_to_recorder(store, self.self_heads, self.latent_hw)
 
-
-GROUPS = ("coarse", "mid", "self")
-"""The recorder groups, in the order a graph returns their sums."""
 
 COMPILED_BLOCKS = (ResnetBlock2D, Downsample2D, Upsample2D, FeedForward)
 """Convolution and feed-forward blocks: all the FLOPs outside attention, and no Python state."""

@@ -1,4 +1,4 @@
-"""Frames to the tensor the VAE takes (ISEG_SPEC §1.1), and what a frame must be to get there."""
+"""Frames to the tensor the VAE takes (docs/method.md §1.1), and what a frame must be to get there."""
 
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from engine.backends.onnx_format import EXPORT_DTYPES
 from engine.errors import InputError, SettingsError
-from engine.settings import IsegSettings, parse_self_heads
+from engine.settings import DTYPE_NAMES, IsegSettings, parse_self_heads
 
 
 SETTING_OPTIONS = ("size", "timestep", "seed", "enhance", "ent", "iters", "cluster", "self_heads", "background", "bg_context")
@@ -27,7 +28,7 @@ RUN_OPTIONS = ("model", "device", "dtype", "classes", "out", "save_maps", "batch
 
 
 def _add_method_options(parser: argparse.ArgumentParser, backends: tuple[str, ...] = ("torch", "onnx")) -> None:
-    group = parser.add_argument_group("method (defaults: ISEG_SPEC)")
+    group = parser.add_argument_group("method (defaults and meaning: docs/method.md)")
     group.add_argument("--size", type=int, help="square input size the frame is resized to (multiple of 64; 512)")
     group.add_argument("--timestep", type=int, help="diffusion timestep t of the single UNet pass (100)")
     group.add_argument("--seed", type=int, help="seed of the fixed noise (1101)")
@@ -41,7 +42,7 @@ def _add_method_options(parser: argparse.ArgumentParser, backends: tuple[str, ..
     group.add_argument("--bg-context", dest="bg_context", help="background words appended to the prompt")
     parser.add_argument("--model", help="local diffusers Stable Diffusion folder")
     parser.add_argument("--device", help="cpu | cuda | cuda:N (cpu)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="weights dtype (float32)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, help="weights dtype (float32)")
     parser.add_argument("--batch-size", dest="batch_size", type=int, help="frames per UNet batch (4)")
     parser.add_argument("--cache-dir", dest="cache_dir", help="text-embedding cache folder (~/.cache/iseg)")
     parser.add_argument("--backend", choices=backends, help="torch, or onnx for a graph from `iseg export-onnx` (torch)")
@@ -97,7 +98,7 @@ def resolve_options(args: argparse.Namespace) -> tuple[IsegSettings, dict[str, A
     run["batch_size"] = int(run["batch_size"] or 4)
     if run["batch_size"] < 1:
         raise SettingsError(f"--batch-size: {run['batch_size']} must be >= 1")
-    from engine.image_io import DEFAULT_MAX_IMAGE_PIXELS
+    from engine.tools.image_io import DEFAULT_MAX_IMAGE_PIXELS
 
     run["max_image_pixels"] = int(run["max_image_pixels"] or DEFAULT_MAX_IMAGE_PIXELS)
     if run["max_image_pixels"] < 1:
@@ -118,7 +119,8 @@ def _parse_classes(value: Any) -> tuple[str, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(str(v) for v in value)
     if not value:
-        raise InputError("--classes: give the class names, comma-separated, e.g. --classes scratch,dent")
+        raise InputError("--classes: give the class names, comma-separated, e.g. --classes scratch,dent "
+                         "(or a region prompt: --point X,Y, --box X0,Y0,X1,Y1 or --scribble \"X,Y;X,Y\")")
     return tuple(part for part in str(value).split(","))
 
 
@@ -131,11 +133,83 @@ def _load_segmenter(settings: IsegSettings, run: dict[str, Any], max_batch: int 
                           max_batch=max_batch or run["batch_size"])
 
 
+def _coordinates(text: str, count: int | None, option: str, example: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or (count is not None and len(values) != count):
+        raise InputError(f"{option}: {text!r} must be {example}")
+    return values
+
+
+def parse_prompt(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The point / box / scribble of `iseg segment`, as Segmenter.segment_prompt takes it (None: class mode)."""
+    given = [name for name in ("point", "box", "scribble") if getattr(args, name, None)]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InputError(f"--{given[0]} and --{given[1]}: give one kind of prompt (points, a box or a scribble)")
+    if getattr(args, "classes", None):
+        raise InputError(f"--classes and --{given[0]}: segment either classes or a prompted region, not both")
+    if args.point:
+        return {"points": [tuple(_coordinates(text, 2, "--point", "X,Y in pixels, e.g. 120,80")) for text in args.point]}
+    if args.box:
+        return {"box": tuple(_coordinates(args.box, 4, "--box", "X0,Y0,X1,Y1 in pixels, e.g. 40,30,200,160"))}
+    points = [part for part in args.scribble.split(";") if part.strip()]
+    if not points:
+        raise InputError(f"--scribble: {args.scribble!r} must be points X,Y;X,Y;… in pixels, e.g. \"10,20;15,25\"")
+    return {"scribble": [tuple(_coordinates(text, 2, "--scribble", "points X,Y;X,Y;… in pixels, e.g. \"10,20;15,25\""))
+                         for text in points]}
+
+
+def _segment_prompted(args: argparse.Namespace, prompt: dict[str, Any]) -> int:
+    """Point / box / scribble mode: one selected region per image (mask 1 = selected)."""
+    import time
+
+    from engine.tools.image_io import read_image, write_png
+    from engine.tools.overlay import overlay
+
+    settings, run = resolve_options(args)
+    out_dir = Path(run["out"] or "out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    segmenter = _load_segmenter(settings, run)
+    failures = 0
+    for name in args.images:
+        path = Path(name)
+        try:
+            image = read_image(path)
+            started = time.perf_counter()
+            mask, refined = segmenter.segment_prompt(image, **prompt)
+        except InputError as error:
+            failures += 1
+            print(f"error: {path}: {error}", file=sys.stderr)
+            continue
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        stem = out_dir / path.stem
+        write_png(stem.with_name(path.stem + ".mask.png"), mask)
+        write_png(stem.with_name(path.stem + ".overlay.png"), overlay(image, mask))
+        kind, value = next(iter(prompt.items()))
+        record = {"image": str(path), "size": [int(image.shape[1]), int(image.shape[0])], "prompt": kind,
+                  kind: [list(v) for v in value] if kind != "box" else list(value),
+                  "area": float(mask.mean()), "timings_ms": {"total_ms": round(elapsed_ms, 3)}}
+        stem.with_name(path.stem + ".json").write_text(json.dumps(record, indent=2) + "\n")
+        if run["save_maps"]:
+            np.save(stem.with_name(path.stem + ".maps.npy"), refined[None].astype(np.float32))
+        print(f"{path} -> {stem}.mask.png, .overlay.png, .json" + (", .maps.npy" if run["save_maps"] else "")
+              + f"  ({elapsed_ms:.0f} ms)")
+    print(f"segmented {len(args.images) - failures} of {len(args.images)} images into {out_dir}/")
+    return 0 if failures == 0 else 1
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     """Segment image files and write mask, overlay, JSON (and maps) per image."""
-    from engine.image_io import read_image, write_png
-    from engine.overlay import overlay
-    from engine.preprocess import check_frame
+    prompt = parse_prompt(args)
+    if prompt is not None:
+        return _segment_prompted(args, prompt)
+    from engine.tools.image_io import read_image, write_png
+    from engine.tools.overlay import overlay
+    from engine.method.preprocess import check_frame
     from engine.results import ClassSet
 
     settings, run = resolve_options(args)
@@ -186,7 +260,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """mIoU on a folder of images/, masks/ and classes.txt (pseudo-mask protocol)."""
-    from engine.evaluate import evaluate, format_table
+    from engine.tools.evaluate import evaluate, format_table
 
     settings, run = resolve_options(args)
     segmenter = _load_segmenter(settings, run)
@@ -201,11 +275,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Per-stage timings, frames/s, memory and MFU; torch and/or ONNX; fast path against naive."""
-    from engine.bench import run_bench
+    from engine.tools.bench import run_bench
     from engine.segmenter import Segmenter
 
     if args.full_size:
-        from engine.full_size import build_full_size_model
+        from engine.tools.full_size import build_full_size_model
         args.model = str(build_full_size_model(default_cache_dir() / f"full-size-{args.family}", family=args.family))
     settings, run = resolve_options(args)
     names = ("torch", "onnx") if run["backend"] == "both" else (run["backend"] or "torch",)
@@ -215,8 +289,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if name == "torch":
             segmenters[name] = torch_segmenter
         else:
-            from engine.onnx_backend import onnx_backend_factory
-            from engine.onnx_export import export_onnx
+            from engine.backends.onnx_backend import onnx_backend_factory
+            from engine.backends.onnx_export import export_onnx
             heads = "-".join(map(str, torch_segmenter.torch_backend.self_heads or ["all"]))
             onnx_dir = Path(run["onnx_dir"]) if run["onnx_dir"] else (
                 default_cache_dir() / "onnx" / f"{torch_segmenter.fingerprint}-{settings.size}-h{heads}")
@@ -236,7 +310,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     """Both ONNX graphs and their manifest for one model, size and head selection."""
-    from engine.onnx_export import export_onnx
+    from engine.backends.onnx_export import export_onnx
 
     export_onnx(args.model, args.out, size=args.size, opset=args.opset,
                 self_heads=parse_self_heads(args.self_heads), device=args.device, dtype=args.dtype)
@@ -245,7 +319,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     """Build a tiny random-weight SD-topology model folder (tests and the demo use it)."""
-    from engine.tiny_model import build_tiny_model
+    from engine.tools.tiny_model import build_tiny_model
 
     report = build_tiny_model(Path(args.dir), family=args.family, seed=args.seed)
     print(json.dumps(report, indent=2))
@@ -257,6 +331,11 @@ def register(subparsers: Any) -> None:
     segment = subparsers.add_parser("segment", help="segment image files with iSeg")
     segment.add_argument("images", nargs="+", help="image files (PNG, JPEG, …; gray/RGBA/16-bit accepted)")
     segment.add_argument("--classes", help="comma-separated class names, e.g. scratch,dent")
+    prompts = segment.add_argument_group("prompted region instead of classes (one kind; mask: 1 = selected)")
+    prompts.add_argument("--point", action="append", metavar="X,Y",
+                         help="a pixel on the object; repeat for more points (each refined, then averaged)")
+    prompts.add_argument("--box", metavar="X0,Y0,X1,Y1", help="a box around the object, in pixels")
+    prompts.add_argument("--scribble", metavar="X,Y;X,Y;…", help="points along a stroke over the object, in pixels")
     segment.add_argument("--out", help="output folder (out)")
     segment.add_argument("--save-maps", dest="save_maps", action="store_true", default=None,
                          help="also write <stem>.maps.npy, float32 [K,H,W]")
@@ -295,6 +374,6 @@ def register(subparsers: Any) -> None:
                         help="self-attention heads: all | auto | 1,2 (auto); must match the engine's setting")
     export.add_argument("--opset", type=int, default=17, help="ONNX opset (17)")
     export.add_argument("--device", default="cpu", help="device to trace on: cpu | cuda | cuda:N (cpu)")
-    export.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+    export.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32",
                         help="weights dtype; the engine must load the model with the same one (float32)")
     export.set_defaults(func=cmd_export_onnx)

@@ -8,12 +8,14 @@ from typing import Any
 from engine.errors import InputError
 from engine.results import ClassSet
 
-PROMPT_TEMPLATE_VERSION = "a photograph of {classes} and other object and background, {bg_context}"
+PROMPT_TEMPLATE = "a photograph of {classes} and other object and background, {bg_context}"
+"""The authors' prompt; class names are joined with " and " in the user's order. Also keys the text cache."""
+CLASS_JOINER = " and "
 
 
 def build_prompt(class_set: ClassSet) -> str:
-    """'a photograph of A and B and other object and background, <context>' (ISEG_SPEC §1.4)."""
-    return "a photograph of " + " and ".join(class_set.classes) + " and other object and background, " + class_set.bg_context
+    """'a photograph of A and B and other object and background, <context>' (docs/method.md §1.4)."""
+    return PROMPT_TEMPLATE.format(classes=CLASS_JOINER.join(class_set.classes), bg_context=class_set.bg_context)
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def tokenize_prompt(tokenizer: Any, class_set: ClassSet) -> TokenizedPrompt:
     if len(full) > room:
         raise InputError(_too_long_message(tokenizer, class_set, len(full), room))
     spans: list[list[int]] = []
-    cursor = len("a photograph of ")
+    cursor = PROMPT_TEMPLATE.index("{classes}")
     for name in class_set.classes:
         start = len(_ids(tokenizer, text[:cursor]))
         end = len(_ids(tokenizer, text[: cursor + len(name)]))
@@ -52,7 +54,7 @@ def tokenize_prompt(tokenizer: Any, class_set: ClassSet) -> TokenizedPrompt:
         if not span or full[start:end] != _ids(tokenizer, name):
             raise InputError(f"class {name!r}: its tokens could not be located in the prompt; use plain words")
         spans.append(span)
-        cursor += len(name) + len(" and ")
+        cursor += len(name) + len(CLASS_JOINER)
     encoded = tokenizer(text, padding="max_length", max_length=max_length, truncation=True)
     return TokenizedPrompt(text=text, input_ids=list(encoded["input_ids"]), spans=spans)
 

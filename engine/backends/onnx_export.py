@@ -16,7 +16,6 @@ ONNX backend refuses an export that does not match the model, size or head selec
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import shutil
@@ -27,48 +26,16 @@ from typing import Any, Callable
 
 import torch
 
-from engine.attention_capture import AttentionRecorder, StopUNet, install_fast, resolve_self_heads
 from engine.errors import ModelLoadError, SettingsError
-from engine.layers import Group
-from engine.model_loader import LoadedModel, load_model
+from engine.model.attention_capture import AttentionRecorder, StopUNet, install_fast, resolve_self_heads
+from engine.model.layers import GROUPS
+from engine.model.loader import load_model
 from engine.settings import IsegSettings
+from engine.backends.onnx_format import (EXPORT_DTYPES, FORMAT_VERSION, MANIFEST, UNET_FILE, VAE_FILE,
+                                          export_identity, heads_label)
 
-MANIFEST = "manifest.json"
-VAE_FILE = "vae_encoder.onnx"
-UNET_FILE = "unet_attention.onnx"
-FORMAT_VERSION = 1
-GROUPS: tuple[Group, ...] = ("coarse", "mid", "self")
-EXPORT_DTYPES = ("float32", "float16")
 TRACE_BATCH = 2
 """Traced with two frames so that no size-1 batch gets folded into the graph as a constant."""
-
-
-def weights_signature(model_dir: Path) -> str:
-    """sha256 over the UNet/VAE configs and weight file names and sizes.
-
-    The text fingerprint does not see the UNet or the VAE; hashing gigabytes of weights
-    on every load would be slow, and a swapped checkpoint changes its size or config.
-    """
-    digest = hashlib.sha256()
-    for component in ("unet", "vae"):
-        folder = Path(model_dir) / component
-        digest.update((folder / "config.json").read_bytes())
-        for file in sorted(folder.iterdir()):
-            if file.is_file() and file.suffix in (".safetensors", ".bin"):
-                digest.update(f"{component}/{file.name}:{file.stat().st_size}".encode())
-    return digest.hexdigest()[:24]
-
-
-def heads_label(self_heads: list[int] | None) -> str | list[int]:
-    """How a resolved self-head selection is written in the manifest ("all" or the indices)."""
-    return "all" if self_heads is None else list(self_heads)
-
-
-def export_identity(model: LoadedModel, size: int, self_heads: list[int] | None) -> dict[str, Any]:
-    """The manifest fields an export must match to be used with this model and these settings."""
-    return {"dtype": str(model.dtype).removeprefix("torch."), "fingerprint": model.fingerprint,
-            "weights": weights_signature(model.path), "family": model.family, "size": size,
-            "self_heads": heads_label(self_heads)}
 
 
 class EncoderGraph(torch.nn.Module):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.preprocess import frames_to_batch
+from engine.method.preprocess import frames_to_batch
 from engine.results import ClassSet
 
 BENCH_CLASSES = ClassSet(("scratch", "dent"), "metal surface, table, background")

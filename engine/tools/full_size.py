@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from engine.clip_vocab import VOCAB_SIZE, locate_vocab, write_clip_tokenizer
+from engine.model.clip_vocab import VOCAB_SIZE, locate_vocab, write_clip_tokenizer
 
 UNET_CONFIGS = {
     "sd21": dict(attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True),

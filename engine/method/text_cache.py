@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from engine.prompt import PROMPT_TEMPLATE_VERSION, tokenize_prompt
+from engine.method.prompt import PROMPT_TEMPLATE, tokenize_prompt
 from engine.results import ClassSet
 
 
@@ -51,7 +51,7 @@ class TextEmbeddingCache:
         """Hash of everything the embedding depends on."""
         material = json.dumps({
             "model": self._fingerprint,
-            "template": PROMPT_TEMPLATE_VERSION,
+            "template": PROMPT_TEMPLATE,
             "classes": list(class_set.classes),
             "bg_context": class_set.bg_context,
             "enhance": self._enhance,

@@ -8,7 +8,6 @@ refinement, masks) stays in the Segmenter, so both backends share that code.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,10 +15,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from engine.attention_capture import AttentionRecorder, resolve_self_heads
+from engine.backends.onnx_format import check_export
 from engine.errors import ModelLoadError
-from engine.model_loader import LoadedModel
-from engine.onnx_export import FORMAT_VERSION, GROUPS, MANIFEST, export_identity
+from engine.model.attention_capture import AttentionRecorder, resolve_self_heads
+from engine.model.layers import GROUP_DOWNSCALE, GROUPS
+from engine.model.loader import LoadedModel
 from engine.settings import IsegSettings
 
 log = logging.getLogger("engine.onnx")
@@ -27,8 +27,6 @@ log = logging.getLogger("engine.onnx")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64}
 NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
-IDENTITY_NAMES = {"dtype": "dtype", "fingerprint": "text encoder fingerprint", "weights": "UNet/VAE weights signature",
-                  "family": "model family", "size": "size", "self_heads": "self-attention heads"}
 
 
 def import_onnxruntime() -> Any:
@@ -39,47 +37,6 @@ def import_onnxruntime() -> Any:
         raise ModelLoadError("backend onnx: onnxruntime is not installed; pip install '.[onnx]' "
                              "(or '.[onnx-gpu]' for the CUDA/TensorRT providers)") from None
     return onnxruntime
-
-
-def export_command(model: LoadedModel, settings: IsegSettings, onnx_dir: Path | None) -> str:
-    """The `iseg export-onnx` line that creates an export matching this model and these settings."""
-    heads = settings.self_heads
-    heads_text = heads if isinstance(heads, str) else ",".join(map(str, heads))
-    heads_option = "" if heads == "auto" else f" --self-heads {heads_text}"
-    dtype_option = "" if model.dtype == torch.float32 else f" --dtype {str(model.dtype).removeprefix('torch.')}"
-    return (f"`iseg export-onnx --model {model.path} --out {onnx_dir or 'DIR'} --size {settings.size}"
-            f"{heads_option}{dtype_option}`")
-
-
-def check_export(onnx_dir: Path | None, model: LoadedModel, settings: IsegSettings,
-                 self_heads: list[int] | None) -> dict[str, Any]:
-    """The export's manifest, or a one-line error when the folder is missing, incomplete or made for another setup."""
-    command = export_command(model, settings, onnx_dir)
-    if onnx_dir is None:
-        raise ModelLoadError(f"onnx_dir: the onnx backend needs an export folder (--onnx-dir); "
-                             f"create one with {command}")
-    if not onnx_dir.is_dir():
-        raise ModelLoadError(f"onnx_dir: {onnx_dir} does not exist; create it with {command}")
-    manifest_path = onnx_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise ModelLoadError(f"onnx_dir: {onnx_dir} lacks {MANIFEST} (no finished export); create it with {command}")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelLoadError(f"onnx_dir: {manifest_path} is not readable JSON; export again with {command}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
-        raise ModelLoadError(f"onnx_dir: {manifest_path} is not a format-{FORMAT_VERSION} iseg export; "
-                             f"export again with {command}")
-    files = manifest.get("files") or {}
-    for role in ("vae", "unet"):
-        name = files.get(role)
-        if not name or not (onnx_dir / name).is_file():
-            raise ModelLoadError(f"onnx_dir: {onnx_dir} lacks {name or role + ' graph'}; export again with {command}")
-    for key, value in export_identity(model, settings.size, self_heads).items():
-        if manifest.get(key) != value:
-            raise ModelLoadError(f"onnx_dir: {onnx_dir} was exported for {IDENTITY_NAMES[key]} {manifest.get(key)!r} "
-                                 f"but this run has {value!r}; export again with {command}")
-    return manifest
 
 
 def cuda_index(device: torch.device) -> int:
@@ -132,7 +89,8 @@ class OnnxBackend:
         self.unet = ort.InferenceSession(str(onnx_dir / files["unet"]), options, providers=list(providers))
         self.providers = self.unet.get_providers()
         self.on_gpu = model.device.type == "cuda" and self.providers[0] in GPU_PROVIDERS
-        self.hw = {group: (latent_hw[0] // scale, latent_hw[1] // scale) for group, scale in zip(GROUPS, (4, 2, 1))}
+        self.hw = {group: (latent_hw[0] // GROUP_DOWNSCALE[group], latent_hw[1] // GROUP_DOWNSCALE[group])
+                   for group in GROUPS}
         log.info("onnx backend on %s from %s", ", ".join(self.providers), onnx_dir)
 
     def _run(self, session: Any, feeds: dict[str, torch.Tensor],

@@ -1,4 +1,4 @@
-"""Which attention layers iSeg reads (ISEG_SPEC §2), found by walking module attributes."""
+"""Which attention layers iSeg reads (docs/method.md §2), found by walking module attributes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ import torch
 from engine.errors import ModelLoadError
 
 Group = Literal["coarse", "mid", "self"]
+
+GROUPS: tuple[Group, ...] = ("coarse", "mid", "self")
+"""The attention groups, in the order backends return their head means."""
+
+GROUP_DOWNSCALE: dict[Group, int] = {"coarse": 4, "mid": 2, "self": 1}
+"""How many times smaller than the latent grid each group's query grid is (16×16, 32×32, 64×64 at 512)."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,11 @@ class ReadLayer:
     attention_index: int
     attn: str
     group: Group
-    downscale: int
+
+    @property
+    def downscale(self) -> int:
+        """Latent side / query-grid side of this layer's group."""
+        return GROUP_DOWNSCALE[self.group]
 
     @property
     def name(self) -> str:
@@ -34,15 +44,15 @@ class ReadLayer:
 
 
 READ_LAYERS: tuple[ReadLayer, ...] = (
-    ReadLayer("down_blocks", 1, 1, "attn2", "mid", 2),
-    ReadLayer("down_blocks", 2, 0, "attn2", "coarse", 4),
-    ReadLayer("down_blocks", 2, 1, "attn2", "coarse", 4),
-    ReadLayer("up_blocks", 1, 0, "attn2", "coarse", 4),
-    ReadLayer("up_blocks", 1, 1, "attn2", "coarse", 4),
-    ReadLayer("up_blocks", 1, 2, "attn2", "coarse", 4),
-    ReadLayer("up_blocks", 2, 0, "attn2", "mid", 2),
-    ReadLayer("up_blocks", 2, 1, "attn2", "mid", 2),
-    ReadLayer("up_blocks", 3, 1, "attn1", "self", 1),
+    ReadLayer("down_blocks", 1, 1, "attn2", "mid"),
+    ReadLayer("down_blocks", 2, 0, "attn2", "coarse"),
+    ReadLayer("down_blocks", 2, 1, "attn2", "coarse"),
+    ReadLayer("up_blocks", 1, 0, "attn2", "coarse"),
+    ReadLayer("up_blocks", 1, 1, "attn2", "coarse"),
+    ReadLayer("up_blocks", 1, 2, "attn2", "coarse"),
+    ReadLayer("up_blocks", 2, 0, "attn2", "mid"),
+    ReadLayer("up_blocks", 2, 1, "attn2", "mid"),
+    ReadLayer("up_blocks", 3, 1, "attn1", "self"),
 )
 """In execution order: the self-attention layer is the last one the method needs."""
 

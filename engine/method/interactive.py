@@ -1,4 +1,4 @@
-"""Point, scribble and box prompts (ISEG_SPEC §7): X0 from a location instead of text.
+"""Point, scribble and box prompts (docs/method.md §9): X0 from a location instead of text.
 
 Coordinates are (x, y) pixels of the original frame; they are mapped onto the latent
 grid the same way the frame is resized (aspect not kept).
