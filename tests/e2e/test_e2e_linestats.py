@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import yaml
 import zmq
 
 from conftest import REPO, iseg
@@ -24,15 +25,32 @@ from conftest import REPO, iseg
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 
-def golden_images(folder: Path) -> tuple[Path, Path]:
-    """The bundled scratch sample as the defect image, a black frame as the good one (the tiny model scores
-    scratch ~0.44 on the first and ~0.22 on the second; belt frames reach 0.43, so the live-threshold
-    check uses dent, which the belt frames keep under 0.16)."""
-    defect = cv2.resize(cv2.imread(str(REPO / "engine" / "samples" / "steel_scratch.png")), (160, 120))
+def golden_images(folder: Path, model: Path, settings: dict) -> tuple[Path, Path, float, float]:
+    """A defect and a good image for the self-test, chosen by scoring candidates with the same engine and
+    settings as the daemon (the tiny model has random weights, so which image scores high is not known
+    in advance): the pair with the widest scratch gap. Returns their paths and scratch scores."""
+    import torch
+
+    from engine import ClassSet, IsegSettings, Segmenter
+
+    torch.set_num_threads(1)
+    samples = REPO / "engine" / "samples"
+    candidates = {name: cv2.resize(cv2.imread(str(samples / f"{name}.png")), (160, 120))
+                  for name in ("steel_scratch", "weld_crack", "panel_dent")}
+    candidates.update(black=np.zeros((120, 160, 3), np.uint8), grey=np.full((120, 160, 3), 128, np.uint8),
+                      white=np.full((120, 160, 3), 255, np.uint8))
+    segmenter = Segmenter.load(model, settings=IsegSettings.from_mapping(settings, where=""))
+    classes = ClassSet(("scratch", "dent"), settings["bg_context"])
+    names = list(candidates)
+    results = segmenter.segment([cv2.cvtColor(candidates[n], cv2.COLOR_BGR2RGB) for n in names], classes, keep_maps=False)
+    scratch = {n: float(r.presence[0]) for n, r in zip(names, results)}
+    defect = max(names, key=scratch.get)
+    good = min(names, key=scratch.get)
+    assert scratch[defect] - scratch[good] > 0.02, f"no pair of candidate images separates scratch: {scratch}"
     paths = folder / "golden-defect.png", folder / "golden-good.png"
-    cv2.imwrite(str(paths[0]), defect)
-    cv2.imwrite(str(paths[1]), np.zeros((120, 160, 3), np.uint8))
-    return paths
+    cv2.imwrite(str(paths[0]), candidates[defect])
+    cv2.imwrite(str(paths[1]), candidates[good])
+    return paths[0], paths[1], scratch[defect], scratch[good]
 
 
 class Masks:
@@ -87,13 +105,15 @@ def store_rows(state: Path) -> dict[tuple[str, str, int], int]:
     return {(c, k, m): f for c, k, m, f in rows}
 
 
-def test_thresholds_health_stats_and_kill9(make_config, start_daemon, tmp_path):
-    defect, good = golden_images(tmp_path)
+def test_thresholds_health_stats_and_kill9(make_config, start_daemon, tmp_path, tiny_model):
+    engine_settings = yaml.safe_load(make_config().read_text())["engine"]["settings"]
+    defect, good, high, low = golden_images(tmp_path, tiny_model, engine_settings)
     cue = tmp_path / "fault"
     cue.write_text("")
     config = make_config({
         "cameras": [{"id": "belt1", "source": "synthetic", "fps": 4, "classes": ["scratch", "dent"],
-                     "bg_context": "metal surface, background", "thresholds": {"scratch": 0.4, "dent": 1.0},
+                     "bg_context": "metal surface, background",
+                     "thresholds": {"scratch": round((high + low) / 2, 4), "dent": 1.0},
                      "synthetic": {"seed": 3, "width": 160, "height": 120, "fault_cue": str(cue)}}],
         "shifts": [{"name": "early", "start": "06:00"}, {"name": "late", "start": "14:00"},
                    {"name": "night", "start": "22:00"}],
@@ -131,7 +151,7 @@ def test_thresholds_health_stats_and_kill9(make_config, start_daemon, tmp_path):
 
         # The golden defect stops flagging (threshold above its score) → inspection unreliable, then recovered.
         wait_health(daemon, "ok", 30)
-        cli(config, "thresholds", "set", "--camera", "belt1", "--cls", "scratch", "--value", "0.5")
+        cli(config, "thresholds", "set", "--camera", "belt1", "--cls", "scratch", "--value", f"{(high + 1) / 2:.4f}")
         wait_health(daemon, "unreliable", 30, "no longer flags scratch")
         cli(config, "thresholds", "revert", "--camera", "belt1", "--cls", "scratch")
         wait_health(daemon, "ok", 30)
@@ -159,9 +179,9 @@ def test_thresholds_health_stats_and_kill9(make_config, start_daemon, tmp_path):
         # Statistics per shift and the what-if read the store.
         stats = cli(config, "stats", "--by", "shift", "--csv", "--since", "1h").splitlines()
         assert stats[0].startswith("camera,class,period,frames,flagged")
-        scratch = [line.split(",") for line in stats[1:] if line.startswith("belt1,dent,")]
-        assert scratch and int(scratch[0][3]) > 0 and int(scratch[0][4]) > 0
-        assert scratch[0][2].split(" ", 1)[1] in ("early", "late", "night")
+        dent = [line.split(",") for line in stats[1:] if line.startswith("belt1,dent,")]
+        assert dent and int(dent[0][3]) > 0 and int(dent[0][4]) > 0  # frames, and the ones flagged at 0.0
+        assert dent[0][2].split(" ", 1)[1] in ("early", "late", "night")
         whatif = json.loads(cli(config, "thresholds", "whatif", "--camera", "belt1", "--cls", "dent",
                                 "--range", "0:1:0.5", "--json"))
         assert whatif["rows"][0]["frames_flagged"] == whatif["frames"] > 0 and whatif["rows"][-1]["frames_flagged"] == 0
