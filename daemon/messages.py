@@ -33,7 +33,7 @@ REASONS = ("parts", "json", "missing", "type", "range", "camera", "class", "shap
 """The reasons a message is rejected: the `reason` label's complete set (bounded metric series)."""
 
 MAX_FRAME_PIXELS = 100_000_000
-"""Largest frame a message may declare (H * W); 100 MP covers industrial line-scan cameras."""
+"""Largest frame a message may declare (H * W) by default; the config's `limits.max_image_pixels` sets it."""
 MAX_SIDE = 65_535
 MAX_SEQ = 2 ** 53
 MIN_TS = 946_684_800.0
@@ -114,7 +114,8 @@ def _roi(value: Any) -> list[int]:
     return [_int(value[0], 0, MAX_ROI_OFFSET, "roi x"), _int(value[1], 0, MAX_ROI_OFFSET, "roi y")]
 
 
-def _array_spec(value: Any, payload: memoryview, channels: int | None, what: str) -> tuple[int, ...]:
+def _array_spec(value: Any, payload: memoryview, channels: int | None, what: str,
+                max_pixels: int = MAX_FRAME_PIXELS) -> tuple[int, ...]:
     """Shape of an HxWx3 (channels=3) or HxW (None) uint8 payload; the byte count is computed with
     Python integers (no overflow) and must equal the payload's length."""
     if type(value) is not dict:
@@ -129,8 +130,8 @@ def _array_spec(value: Any, payload: memoryview, channels: int | None, what: str
     width = _int(shape[1], 1, MAX_SIDE, f"{what} width")
     if channels is not None and shape[2] != channels or type(shape[-1]) is not int:
         raise Rejected("shape", f"{what} must have {channels} channels")
-    if height * width > MAX_FRAME_PIXELS:
-        raise Rejected("range", f"{what} {height}x{width} is over {MAX_FRAME_PIXELS} pixels")
+    if height * width > max_pixels:
+        raise Rejected("range", f"{what} {height}x{width} is over {max_pixels} pixels (limits.max_image_pixels)")
     expected = height * width * (channels or 1)
     if len(payload) != expected:
         raise Rejected("size", f"{what} payload has {len(payload)} bytes, its header says {shape} uint8 = {expected}")
@@ -227,13 +228,14 @@ class ReplayRequest:
 class Boundary:
     """The schemas bound to one config: which cameras exist and which classes each one has."""
 
-    def __init__(self, cameras: Mapping[str, Sequence[str]]) -> None:
+    def __init__(self, cameras: Mapping[str, Sequence[str]], max_pixels: int = MAX_FRAME_PIXELS) -> None:
         self.classes = {camera: tuple(names) for camera, names in cameras.items()}
+        self.max_pixels = max_pixels
 
     @classmethod
     def from_config(cls, config: Any) -> "Boundary":
-        """Cameras and classes of a DaemonConfig."""
-        return cls({camera.id: camera.classes for camera in config.cameras})
+        """Cameras and classes of a DaemonConfig, and its pixel limit."""
+        return cls({camera.id: camera.classes for camera in config.cameras}, config.limits.max_image_pixels)
 
     def _camera(self, value: Any) -> str:
         if type(value) is not str or value not in self.classes:
@@ -248,7 +250,7 @@ class Boundary:
         if topic != "frame." + camera:
             raise Rejected("topic", f"topic {topic[:60]!r} does not match camera {camera!r}")
         shape = _array_spec({"shape": _field(h, "shape", "frame header"), "dtype": _field(h, "dtype", "frame header")},
-                            payloads[0], 3, "frame")
+                            payloads[0], 3, "frame", self.max_pixels)
         image = np.frombuffer(payloads[0], dtype=np.uint8).reshape(shape)
         return Frame(camera, _int(_field(h, "seq", "frame header"), 0, MAX_SEQ, "seq"),
                      _ts(_field(h, "ts", "frame header"), "ts"), _str(h.get("session", ""), MAX_NAME, "session"),
@@ -284,8 +286,8 @@ class Boundary:
             raise Rejected("class", f"flagged must list distinct classes of camera {camera}")
         infer = h.get("infer_ms")
         frame_spec = _field(h, "frame", "result")
-        frame_shape = _array_spec(frame_spec, payloads[0], 3, "frame")
-        labels_shape = _array_spec(_field(h, "labels", "result"), payloads[1], None, "labels")
+        frame_shape = _array_spec(frame_spec, payloads[0], 3, "frame", self.max_pixels)
+        labels_shape = _array_spec(_field(h, "labels", "result"), payloads[1], None, "labels", self.max_pixels)
         if labels_shape != frame_shape[:2]:
             raise Rejected("shape", f"labels {list(labels_shape)} do not match frame {list(frame_shape)}")
         return Result(ok=True, classes=classes, presence=presence, thresholds=thresholds, flagged=tuple(flagged),
@@ -338,7 +340,7 @@ class Boundary:
                 "alert_ids": [_int(i, 1, MAX_SEQ, "alert id") for i in alert_ids],
                 "flag_seq": _int(h.get("flag_seq", 0), 0, MAX_SEQ, "flag_seq"),
                 "publisher_session": _str(h.get("publisher_session") or "", MAX_NAME, "publisher_session")}
-        shape = _array_spec(_field(h, "frame", "flagged frame"), payloads[0], 3, "frame")
+        shape = _array_spec(_field(h, "frame", "flagged frame"), payloads[0], 3, "frame", self.max_pixels)
         return Flagged(meta, np.frombuffer(payloads[0], dtype=np.uint8).reshape(shape), bytes(payloads[1]),
                        bytes(payloads[2]))
 

@@ -20,7 +20,7 @@ import zmq
 from daemon.alerts import AlertStore, Debouncer
 from daemon.config import DaemonConfig
 from daemon.linestats.tap import LineTap
-from daemon.messages import MAX_FRAME_PIXELS, Boundary, Rejected, Rejections, Result
+from daemon.messages import Boundary, Rejected, Rejections, Result
 from daemon.metrics import Registry
 from daemon.publisher_state import PublisherState
 from daemon.render import encode_jpeg, encode_png, overlay_rgb, regions
@@ -201,7 +201,7 @@ def bind_result_sockets(ctx: zmq.Context, config: DaemonConfig) -> tuple[zmq.Soc
     config.run_path.mkdir(parents=True, exist_ok=True)
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, config.sockets.results_hwm)
-    pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_PIXELS * 4 + 65536)
+    pull.setsockopt(zmq.MAXMSGSIZE, config.limits.max_image_pixels * 4 + 65536)
     pull.bind(config.endpoint("results"))
     endpoints = [config.endpoint("results")]
     pub = ctx.socket(zmq.PUB)

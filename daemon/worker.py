@@ -21,7 +21,7 @@ import zmq
 from daemon.config import DaemonConfig
 from daemon.linestats import selftest
 from daemon.linestats.overrides import OverrideWatcher, effective_thresholds
-from daemon.messages import MAX_FRAME_PIXELS, Boundary, Rejected, Rejections
+from daemon.messages import Boundary, Rejected, Rejections
 from daemon.metrics import Registry
 from daemon.model_setup import load_segmenter
 from daemon.role import EX_CONFIG, Heartbeat, StopFlag
@@ -45,7 +45,7 @@ def connect_sockets(ctx: zmq.Context, config: DaemonConfig, remote: bool) -> tup
     """PULL from every camera, PUSH to the publisher; over Curve TCP when `remote`."""
     pull = ctx.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, config.sockets.frames_hwm)
-    pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_PIXELS * 3 + 65536)
+    pull.setsockopt(zmq.MAXMSGSIZE, config.limits.max_image_pixels * 3 + 65536)
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, config.sockets.results_hwm)
     push.setsockopt(zmq.SNDTIMEO, 5000)

@@ -157,4 +157,4 @@ def test_engine_cli_config_refuses_nested_values_before_walking_them(tmp_path):
     started = time.perf_counter()
     with pytest.raises(SettingsError, match="classes: must be a value or a list of values, not a nested structure"):
         resolve_options(argparse.Namespace(config=str(config)))
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 5.0  # generous: CI shares two cores

@@ -114,3 +114,12 @@ def test_validation_cost_is_small():
     for _ in range(200):
         BOUNDARY.frame(parts)
     assert (time.perf_counter() - started) / 200 < 0.002
+
+
+def test_pixel_limit_comes_from_the_config():
+    from daemon.config import parse_config
+
+    config = parse_config({"state_dir": "/tmp/s", "engine": {"model_dir": "m"}, "limits": {"max_image_pixels": 10_000},
+                           "cameras": [{"id": "belt1", "source": "synthetic"}]})
+    header, payload = good_frame()  # 96 x 128 = 12 288 pixels
+    assert rejected(Boundary.from_config(config).frame, [b"frame.belt1", encode(header), payload]).reason == "range"
