@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sqlite3
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from daemon.linestats.overrides import OverrideWatcher, ThresholdBook, Threshold
 from daemon.linestats.report import build_stats, p_chart, parse_since, StatsError
 from daemon.linestats.selftest import Golden, judge
 from daemon.linestats.shifts import ShiftCalendar
-from daemon.linestats.store import (BINS, Bucket, FrameSummary, SummaryStore, SummaryWriter, aggregate,
+from daemon.linestats.store import (BINS, FrameSummary, SummaryStore, SummaryWriter, aggregate,
                                     decode_histogram, encode_histogram, score_bin)
 from daemon.linestats.tap import LineTap
 from daemon.linestats.verdicts import Verdict
