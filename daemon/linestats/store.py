@@ -28,7 +28,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from daemon.database import open_database
+from daemon.database import is_corrupt, move_aside, open_database
 
 BINS = 100
 STORE_NAME = "linestats.sqlite3"
@@ -239,6 +239,11 @@ class SummaryWriter:
                 except sqlite3.Error as err:
                     self.errors += 1
                     self.log.error("summary store write failed (%s); keeping %d minute(s) in memory", err, len(buckets))
+                    if isinstance(err, sqlite3.DatabaseError) and is_corrupt(err):
+                        self._store.close()
+                        moved = move_aside(self.path)
+                        self.log.error("%s turned corrupt; moved it to %s and started a fresh one", self.path, moved.name)
+                        self._store = SummaryStore(self.path, self.log)
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + RETENTION_EVERY_S
                 try:
