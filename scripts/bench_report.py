@@ -16,7 +16,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -104,7 +103,7 @@ class Report:
             entry["status"] = "timeout" if isinstance(error, SectionTimeout) else "error"
             entry["error"] = f"{type(error).__name__}: {error}"
             entry["traceback"] = keep_ends(trace)
-            print(f"[gpu_bench] {name}: {entry['status'].upper()}: {entry['error']}\n{trace}", file=sys.stdout, flush=True)
+            print(f"[gpu_bench] {name}: {entry['status'].upper()}: {entry['error']}\n{trace}", flush=True)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)

@@ -175,7 +175,8 @@ def check_imports(entry: dict[str, Any]) -> None:
         for module, why in failures.items():
             needed = why.startswith("missing module ") and why.split()[-1].split(".")[0] in NEEDED
             if package == "engine" or needed or not why.startswith("missing module "):
-                raise PreflightError(f"cannot import {module} ({why}); carry .whl made by scripts/prepare_gpu_wheels.sh")
+                raise PreflightError(f"cannot import {module} ({why}); carry .whl made by "
+                                     "scripts/prepare_gpu_wheels.sh")
             entry.setdefault("warnings", []).append(f"{module}: {why} (roles that use it will not start)")
 
 
@@ -205,7 +206,8 @@ def check_device(entry: dict[str, Any], plan: Plan) -> None:
     free, total = torch.cuda.mem_get_info(device)
     entry.update(device_name=torch.cuda.get_device_name(device),
                  capability=".".join(map(str, torch.cuda.get_device_capability(device))),
-                 cudnn=torch.backends.cudnn.version(), free_gib=round(free / 2**30, 1), total_gib=round(total / 2**30, 1))
+                 cudnn=torch.backends.cudnn.version(), free_gib=round(free / 2**30, 1),
+                 total_gib=round(total / 2**30, 1))
     if free / 2**30 < plan.min_free_gib:
         raise PreflightError(f"only {free / 2**30:.1f} GiB free on {entry['device_name']}; the run needs "
                              f"{plan.min_free_gib:g} GiB")
@@ -227,7 +229,8 @@ def preflight(entry: dict[str, Any], plan: Plan, stage: str) -> None:
     if not plan.dry_run and not wheels and not found["diffusers"]:
         raise PreflightError("diffusers is not installed and no .whl/ was carried; run scripts/prepare_gpu_wheels.sh "
                              "here and name .whl in the run's carry")
-    required = ["torch", "numpy", "diffusers", "transformers", "safetensors", "pyzmq", "PyYAML", "opencv-python-headless"]
+    required = ["torch", "numpy", "diffusers", "transformers", "safetensors", "pyzmq", "PyYAML",
+                "opencv-python-headless"]
     required += ["pytest", "pytest-timeout"] if stage == "first" else ["onnx"]
     missing = [name for name in required if not found[name]]
     if missing:
@@ -256,7 +259,8 @@ def preflight_line(entry: dict[str, Any]) -> str:
     parts = [f"{name} {found.get(name)}" for name in ("python", "torch", "diffusers", "transformers", "onnxruntime")]
     parts.append(f"CUDA {entry.get('torch_cuda')}")
     if "device_name" in entry:
-        parts.append(f"{entry['device_name']} (sm {entry['capability']}, {entry['free_gib']}/{entry['total_gib']} GiB free)")
+        parts.append(f"{entry['device_name']} (sm {entry['capability']}, "
+                     f"{entry['free_gib']}/{entry['total_gib']} GiB free)")
     parts.append(f"providers {entry.get('onnxruntime_providers')}")
     return "preflight: " + ", ".join(parts)
 
@@ -565,7 +569,8 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 
 def daemon_command(config_path: Path, plan: Plan) -> list[str]:
     """`iseg run` for the line config; --duration stops it even if this process is killed."""
-    return [sys.executable, "-m", "daemon", "run", "--config", str(config_path), "--duration", f"{plan.daemon_duration_s:g}"]
+    return [sys.executable, "-m", "daemon", "run", "--config", str(config_path),
+            "--duration", f"{plan.daemon_duration_s:g}"]
 
 
 def section_daemon(entry: dict[str, Any], plan: Plan, state: dict[str, Any], out_dir: Path,
@@ -741,7 +746,8 @@ def section_onnx(entry: dict[str, Any], plan: Plan, state: dict[str, Any], save:
                           backend=onnx_backend_factory(export_dir, providers=use))
     entry["session_providers"] = segmenter.backend.providers
     frames = state.setdefault("frames", bench_images(plan))
-    entry["parity_vs_eager"] = compare(eager.segment(frames[:1], BENCH_CLASSES), segmenter.segment(frames[:1], BENCH_CLASSES))
+    entry["parity_vs_eager"] = compare(eager.segment(frames[:1], BENCH_CLASSES),
+                                       segmenter.segment(frames[:1], BENCH_CLASSES))
     entry["batches"] = {}
     save()
     for batch in plan.batches:
