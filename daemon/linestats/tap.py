@@ -42,6 +42,7 @@ class LineTap:
         self.served: dict[str, set[str]] = {}
         self.next_tick = 0.0
         self.next_periodic = 0.0
+        metrics.inc("iseg_publisher_linestats_dropped_frames_total", 0)
         for camera in self.cameras:
             self._gauge(camera, "ok")
 
@@ -50,7 +51,7 @@ class LineTap:
         """One published frame."""
         if self.writer is not None and not self.writer.add(
                 FrameSummary(camera, ts, dict(presence), tuple(flagged), area_frac, tuple(alerts))):
-            self.metrics.inc("iseg_linestats_dropped_frames_total")
+            self.metrics.inc("iseg_publisher_linestats_dropped_frames_total")
         self.monitor.observe(camera, ts, frame, presence)
         if worker:
             self.served.setdefault(worker, set()).add(camera)
