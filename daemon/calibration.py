@@ -127,7 +127,8 @@ def run_calibration(config: DaemonConfig, camera_id: str, count: int, report: An
     for name, stats in document["per_class"].items():
         report(f"  {name}: mean {stats['mean']:.3f}, p99 {stats['p99']:.3f}, max {stats['max']:.3f} -> threshold {stats['threshold']:.3f}")
         book.set(camera.id, name, stats["threshold"], user="calibrate",
-                 reason=f"calibration on {count} known-good frames (q{config.calibration.quantile:g} + {config.calibration.margin:g})")
+                 reason=f"calibration on {count} known-good frames "
+                        f"(q{config.calibration.quantile:g} + {config.calibration.margin:g})")
     report(f"calibration written to {path}; thresholds set as live overrides (running workers apply them; "
            "see `iseg thresholds show`)")
     return path

@@ -94,7 +94,8 @@ class CameraHealth:
 class HealthMonitor:
     """Health of every camera; `observe` per frame, `tick` turns held conditions into state changes."""
 
-    def __init__(self, config: HealthConfig, cameras: list[str], baselines: dict[str, dict[str, Any]] | None = None) -> None:
+    def __init__(self, config: HealthConfig, cameras: list[str],
+                 baselines: dict[str, dict[str, Any]] | None = None) -> None:
         self.config = config
         self.cameras: dict[str, CameraHealth] = {}
         for camera in cameras:

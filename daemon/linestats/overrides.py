@@ -57,7 +57,8 @@ def effective_thresholds(config: DaemonConfig, camera: CameraConfig,
 
 
 def _valid(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0.0 <= value <= 1.0
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and math.isfinite(value) and 0.0 <= value <= 1.0
 
 
 def check_value(value: Any) -> float:
@@ -157,8 +158,9 @@ class ThresholdBook:
                     break
             if target is None:
                 raise ThresholdError(f"{camera_id}/{cls}: no change to revert (see `iseg thresholds show`)")
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(target["ts"]))
             return self._change(camera, cls, target.get("old_override"), "revert", user,
-                                reason or f"revert of the change at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(target['ts']))}")
+                                reason or f"revert of the change at {when}")
 
     def _change(self, camera: CameraConfig, cls: str, new: dict[str, Any] | None, action: str, user: str,
                 reason: str) -> dict[str, Any]:

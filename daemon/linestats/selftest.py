@@ -54,10 +54,12 @@ def judge(golden: Golden, defect_presence: dict[str, float], good_presence: dict
     score, limit = defect_presence[golden.defect_class], thresholds[golden.defect_class]
     if not score > limit:
         problems.append(f"defect image no longer flags {golden.defect_class} ({score:.3f} <= {limit:.3f})")
-    wrong = [f"{n} {good_presence[n]:.3f} > {thresholds[n]:.3f}" for n in thresholds if good_presence[n] > thresholds[n]]
+    wrong = [f"{n} {good_presence[n]:.3f} > {thresholds[n]:.3f}"
+             for n in thresholds if good_presence[n] > thresholds[n]]
     if wrong:
         problems.append("good image flags " + ", ".join(wrong))
-    return not problems, "; ".join(problems) or f"defect {golden.defect_class} {score:.3f} > {limit:.3f}, good image clean"
+    passed = f"defect {golden.defect_class} {score:.3f} > {limit:.3f}, good image clean"
+    return not problems, "; ".join(problems) or passed
 
 
 def message(worker: str, golden: Golden, passed: bool, detail: str) -> dict[str, Any]:

@@ -122,8 +122,8 @@ class SummaryStore:
         with self.db:
             for (camera, name, minute), bucket in buckets.items():
                 cam_id, cls_id = self._id("camera", camera), self._id("class", name)
-                row = self.db.execute("SELECT frames, flagged, alerts, area_sum, hist FROM minutes "
-                                      "WHERE minute = ? AND camera = ? AND class = ?", (minute, cam_id, cls_id)).fetchone()
+                row = self.db.execute("SELECT frames, flagged, alerts, area_sum, hist FROM minutes WHERE minute = ? "
+                                      "AND camera = ? AND class = ?", (minute, cam_id, cls_id)).fetchone()
                 frames, flagged, alerts, area = bucket.frames, bucket.flagged, bucket.alerts, bucket.area_sum
                 hist = bucket.hist
                 if row is not None:
@@ -242,7 +242,8 @@ class SummaryWriter:
                     if isinstance(err, sqlite3.DatabaseError) and is_corrupt(err):
                         self._store.close()
                         moved = move_aside(self.path)
-                        self.log.error("%s turned corrupt; moved it to %s and started a fresh one", self.path, moved.name)
+                        self.log.error("%s turned corrupt; moved it to %s and started a fresh one",
+                                       self.path, moved.name)
                         self._store = SummaryStore(self.path, self.log)
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + RETENTION_EVERY_S

@@ -135,7 +135,8 @@ def test_p_chart_limits_and_out_of_control_hour():
     center = 24 / 300
     sigma = math.sqrt(center * (1 - center) / 100)
     assert rows[0]["center"] == pytest.approx(center)
-    assert rows[0]["ucl"] == pytest.approx(center + 3 * sigma) and rows[0]["lcl"] == pytest.approx(max(0, center - 3 * sigma))
+    assert rows[0]["ucl"] == pytest.approx(center + 3 * sigma)
+    assert rows[0]["lcl"] == pytest.approx(max(0, center - 3 * sigma))
     assert [r["out_of_control"] for r in rows] == [False, False, True]
     assert (rows[0]["confirmed"], rows[0]["false_alarms"]) == (1, 1)
     assert p_chart(0, 0, 0.1) == (0.0, 1.0, False)
@@ -348,8 +349,9 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     from daemon.cli import main
 
     path = tmp_path / "config.yaml"
+    camera = {"id": "belt1", "source": "synthetic", "classes": ["scratch", "dent"]}
     path.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "engine": {"model_dir": str(tmp_path / "m")},
-                                    "cameras": [{"id": "belt1", "source": "synthetic", "classes": ["scratch", "dent"]}]}))
+                                    "cameras": [camera]}))
     cases = [(["thresholds", "set", "--camera", "belt1", "--cls", "scratch", "--value", "nan"], "outside [0, 1]"),
              (["thresholds", "set", "--camera", "belt1", "--cls", "scratch", "--value", "1.2"], "outside [0, 1]"),
              (["thresholds", "set", "--camera", "belt2", "--cls", "scratch", "--value", "0.5"], "(known: belt1)"),

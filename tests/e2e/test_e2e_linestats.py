@@ -42,7 +42,8 @@ def golden_images(folder: Path, model: Path, settings: dict) -> tuple[Path, Path
     segmenter = Segmenter.load(model, settings=IsegSettings.from_mapping(settings, where=""))
     classes = ClassSet(("scratch", "dent"), settings["bg_context"])
     names = list(candidates)
-    results = segmenter.segment([cv2.cvtColor(candidates[n], cv2.COLOR_BGR2RGB) for n in names], classes, keep_maps=False)
+    images = [cv2.cvtColor(candidates[n], cv2.COLOR_BGR2RGB) for n in names]
+    results = segmenter.segment(images, classes, keep_maps=False)
     scratch = {n: float(r.presence[0]) for n, r in zip(names, results)}
     defect = max(names, key=scratch.get)
     good = min(names, key=scratch.get)
@@ -84,8 +85,9 @@ class Masks:
 
 def wait_health(daemon, state: str, timeout: float, reason: str = "") -> dict:
     """Until /stats shows belt1 in this health state (with this text in its reason)."""
-    return daemon.wait_for(lambda s: s["health"]["belt1"]["state"] == state and reason in s["health"]["belt1"]["reason"],
-                           timeout, f"health {state} {reason}")
+    def reached(stats: dict) -> bool:
+        return stats["health"]["belt1"]["state"] == state and reason in stats["health"]["belt1"]["reason"]
+    return daemon.wait_for(reached, timeout, f"health {state} {reason}")
 
 
 def cli(config: Path, *args: str) -> str:
@@ -170,7 +172,8 @@ def test_thresholds_health_stats_and_kill9(make_config, start_daemon, tmp_path, 
         metrics = daemon.get("/metrics")[1]
         assert 'iseg_camera_health_state{camera="belt1",state="frozen"} 0' in metrics
 
-        alerts = [json.loads(body) for (body,) in sqlite3.connect(state / "alerts.sqlite3").execute("SELECT body FROM alerts")]
+        rows = sqlite3.connect(state / "alerts.sqlite3").execute("SELECT body FROM alerts").fetchall()
+        alerts = [json.loads(body) for (body,) in rows]
         health = [(a["state"], a["recovered"]) for a in alerts if a.get("kind") == "health"]
         for expected in ("unreliable", "frozen", "defocus", "exposure"):
             assert (expected, False) in health, health
