@@ -26,6 +26,7 @@ from daemon.console.auth import COOKIE, UNSAFE_METHODS, Authenticator, LoginLimi
 from daemon.console.live import LiveFeed
 from daemon.console.stores import AlertReader, RecordingReader
 from daemon.console.users import UserDirectory
+from daemon.linestats import api as linestats_api
 from daemon.metrics import Registry
 from daemon.recorder import STATUSES, RecordingStore
 from daemon.render import PALETTE_RGB
@@ -250,8 +251,10 @@ def known_camera(request: Request) -> str | None:
 @guarded("viewer")
 async def cameras(request: Request) -> Response:
     """GET /api/cameras: every camera's status, rates and scores."""
-    live = console_of(request).live
-    return JSONResponse({"cameras": [live.describe(c) for c in live.cameras]})
+    console = console_of(request)
+    live = console.live
+    health = linestats_api.health(console.config)["cameras"]
+    return JSONResponse({"cameras": [{**live.describe(c), "health": health.get(c)} for c in live.cameras]})
 
 
 @guarded("viewer")
@@ -523,6 +526,7 @@ async def health(request: Request) -> Response:
     """GET /api/health: the supervisor's /stats (roles, restarts, per-camera flow) plus the console's own state."""
     console = console_of(request)
     return JSONResponse({"stats": console.live.stats, "stats_error": console.live.stats_error,
+                         "cameras": linestats_api.health(console.config)["cameras"],
                          "console": {"viewers": console.viewers, "event_clients": len(console.hub.queues),
                                      "frames_received": console.live.received, "ts": time.time()}})
 

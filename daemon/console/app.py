@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from daemon.config import DaemonConfig
 from daemon.console import api
 from daemon.console.api import Console, guarded
+from daemon.linestats import console_routes as linestats_routes
 from daemon.metrics import Registry
 from daemon.role import Heartbeat, StopFlag
 
@@ -148,6 +149,9 @@ def build_app(console: Console) -> Starlette:
         Route("/review", page("review")),
         Route("/review/{recording_id:int}", page("review_one")),
         Route("/health", page("health")),
+        Route("/trends", page("trends")),
+        Route("/thresholds", page("thresholds")),
+        *linestats_routes.ROUTES,
         Route("/api/login", api.login, methods=["POST"]),
         Route("/api/logout", api.logout, methods=["POST"]),
         Route("/api/me", api.me),

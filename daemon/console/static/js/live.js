@@ -1,6 +1,6 @@
 // Live wall: every camera's newest overlay (MJPEG), its status badge, rates and presence per class.
 import { api, el } from "./api.js";
-import { badge, facts, presenceBars } from "./scores.js";
+import { badge, facts, healthBadge, presenceBars } from "./scores.js";
 
 export async function render(root) {
   root.replaceChildren(el("h1", {}, "Live wall"));
@@ -15,7 +15,7 @@ export async function render(root) {
       if (!card) {
         const link = `/cameras/${encodeURIComponent(camera.id)}`;
         card = el("section", { class: "card cam", dataset: { camera: camera.id } },
-          el("header", {}, el("a", { href: link, class: "cam-name" }, camera.id), el("span", { class: "slot-badge" })),
+          el("header", {}, el("a", { href: link, class: "cam-name" }, camera.id), el("span", { class: "slot-badge" }), el("span", { class: "slot-health" })),
           el("a", { href: link }, el("img", { class: "live", alt: `camera ${camera.id}`,
             src: `/api/cameras/${encodeURIComponent(camera.id)}/live.mjpeg` })),
           el("div", { class: "slot-facts" }), el("div", { class: "slot-bars" }));
@@ -23,6 +23,7 @@ export async function render(root) {
         grid.append(card);
       }
       card.querySelector(".slot-badge").replaceChildren(badge(camera));
+      card.querySelector(".slot-health").replaceChildren(healthBadge(camera.health));
       card.querySelector(".slot-facts").replaceChildren(facts(camera));
       card.querySelector(".slot-bars").replaceChildren(presenceBars(camera.classes, camera.presence, camera.thresholds, camera.flagged));
     }

@@ -8,6 +8,8 @@ const pages = {
   alerts: () => import("./alerts.js"),
   review: () => import("./review.js"),
   health: () => import("./health.js"),
+  trends: () => import("./trends.js"),
+  thresholds: () => import("./thresholds.js"),
 };
 
 function pageOf(path) {

@@ -25,3 +25,10 @@ export function facts(camera) {
     el("span", {}, `${camera.fps.toFixed(1)} frames/s`),
     el("span", {}, `${camera.dropped} dropped`));
 }
+
+// Camera health (frozen, defocus, exposure, presence drift, inspection unreliable) as a badge; its reason as a tooltip.
+export function healthBadge(health) {
+  const state = health ? health.state : "unknown";
+  return el("span", { class: `health ${state}`, dataset: { health: state }, title: health ? health.reason || "ok" : "no health report" },
+    state === "ok" ? "inspection ok" : state.replace("_", " "));
+}
