@@ -53,6 +53,10 @@ def run_capture(config: DaemonConfig, camera_id: str, stop: StopFlag, max_frames
     live = camera.source_kind in LIVE_KINDS
     interval = 1.0 / camera.fps
     labels = {"camera": camera.id}
+    for series in ("iseg_capture_frames_total", "iseg_capture_dropped_frames_total", "iseg_capture_reconnects_total"):
+        metrics.inc(series, 0, **labels)
+    metrics.set("iseg_capture_connected", 0, **labels)
+    metrics.set("iseg_capture_frames_per_second", 0.0, **labels)
     log.info("capturing %s (%s) at <= %.2f fps, frames on %s", camera.id, camera.source_kind, camera.fps, ", ".join(endpoints))
     source: FrameSource | None = None
     backoff = camera.reconnect_initial_s
@@ -123,7 +127,8 @@ def run_capture(config: DaemonConfig, camera_id: str, stop: StopFlag, max_frames
             if not pusher.push(f"frame.{camera.id}", header, [frame]):
                 metrics.inc("iseg_capture_dropped_frames_total", **labels)
             fps_window = [t for t in fps_window if mono - t < 5.0] + [mono]
-            metrics.set("iseg_capture_fps", len(fps_window) / 5.0 if len(fps_window) > 1 else 0.0, **labels)
+            fps = len(fps_window) / 5.0 if len(fps_window) > 1 else 0.0
+            metrics.set("iseg_capture_frames_per_second", fps, **labels)
             heartbeat.update(seq=seq, sent=pusher.sent, dropped=pusher.dropped)
     finally:
         if source is not None:

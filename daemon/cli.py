@@ -1,8 +1,8 @@
 """The `iseg` command: the engine's subcommands plus the daemon's.
 
 Daemon commands: run (supervisor), validate-config, capture / worker / publish /
-record / console (one role each, for split hosts), subscribe, review, users, calibrate,
-gen-keys.
+record / console / sinks (one role each, for split hosts), sinks status|resend|test,
+subscribe, review, users, calibrate, gen-keys.
 Every expected failure (bad config, bad model folder, unreachable camera) is one line
 on stderr and exit code 1, never a traceback.
 """
@@ -137,6 +137,29 @@ def cmd_users(args: argparse.Namespace) -> int:
         return 0
     except UsersError as err:
         raise ConfigError(str(err)) from None
+
+
+def cmd_sinks_role(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int:
+    from daemon.sinks.role import run_sinks
+
+    return run_sinks(config, stop)
+
+
+def cmd_sinks(args: argparse.Namespace) -> int:
+    if args.action is None:
+        return _role(cmd_sinks_role)(args)
+    from daemon.sinks import commands
+
+    config = _config(args)
+    if args.action == "status":
+        return commands.print_status(config, args.json)
+    if not args.sink:
+        raise ConfigError(f"sinks {args.action}: give --sink NAME")
+    if args.action == "resend":
+        if args.from_id is None:
+            raise ConfigError("sinks resend: give --from ID (the first alert id to send again)")
+        return commands.resend(config, args.sink, args.from_id)
+    return commands.send_test(config, args.sink)
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
@@ -281,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     users.add_argument("--password-stdin", action="store_true", help="for add: read the password from stdin")
     users.add_argument("--random-password", action="store_true", help="for add: generate a password and print it")
     users.set_defaults(func=cmd_users)
+
+    sinks = with_config("sinks", "deliver alerts to MQTT / webhooks / PLCs (the sinks role), or: status, resend, test")
+    sinks.add_argument("action", nargs="?", choices=("status", "resend", "test"),
+                       help="status: cursor, lag, errors, dead letters; resend: from --from ID; test: one marked alert")
+    sinks.add_argument("--sink", help="sink name (resend, test)")
+    sinks.add_argument("--from", dest="from_id", type=int, help="resend: first alert id to send again")
+    sinks.add_argument("--json", action="store_true", help="status as JSON")
+    sinks.set_defaults(func=cmd_sinks)
 
     subscribe = with_config("subscribe", "print published messages as JSON lines")
     subscribe.add_argument("--topic", action="append", help="topic prefix, e.g. alert. or overlay.line1 (repeatable)")

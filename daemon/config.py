@@ -24,6 +24,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from daemon.console.config import ConsoleConfig
+from daemon.sinks.config import MAX_SINKS, SinkConfig, SinkConfigError, check_sinks, sink_models
 from engine import DEFAULT_BG_CONTEXT, DtypeName, EngineError, IsegSettings
 
 MAX_CONFIG_BYTES = 1_000_000
@@ -365,9 +366,15 @@ class DaemonConfig(Section):
     supervisor: SupervisorConfig = SupervisorConfig()
     limits: LimitsConfig = LimitsConfig()
     console: ConsoleConfig = ConsoleConfig()
+    sinks: Annotated[tuple[SinkConfig, ...], Field(max_length=MAX_SINKS)] = ()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _path: str = PrivateAttr("")
+
+    @field_validator("sinks", mode="before")
+    @classmethod
+    def _sink_types(cls, value: Any) -> Any:
+        return sink_models(value)
 
     @model_validator(mode="after")
     def _across_sections(self) -> "DaemonConfig":
@@ -387,6 +394,10 @@ class DaemonConfig(Section):
                     raise _rule(f"cameras[{i}].tcp_port", f"{cam.tcp_port} is already used by another camera or "
                                 "sockets.remote.results_port; give each its own port")
                 ports.add(cam.tcp_port)
+        try:
+            check_sinks(self.sinks, [cam.id for cam in self.cameras])
+        except SinkConfigError as err:
+            raise _rule(f"sinks{err.key}", err.text) from None
         return self
 
     @property

@@ -11,23 +11,33 @@ import math
 import threading
 from typing import Any, Iterable
 
-LATENCY_BUCKETS_MS = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+# Seconds, as Prometheus' conventions ask (base units): 5 ms (a GPU batch) to a minute
+# (a loaded CPU), in 1-2-5 steps so p50/p99 land in a bucket of their own size.
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 
+# Every metric the daemon exposes, with its help text. Names follow Prometheus' rules:
+# iseg_<role>_<what>_<unit>, base units (seconds, bytes), counters end in _total, no unit
+# abbreviations; the README's metric table lists the same names (a test keeps them in step).
 HELP = {
     "iseg_capture_frames_total": "Frames read from the camera (sent plus dropped).",
     "iseg_capture_dropped_frames_total": "Frames dropped because every worker queue was full.",
     "iseg_capture_reconnects_total": "Reconnect attempts after a camera error or stall.",
-    "iseg_capture_fps": "Frames per second read from the camera over the last seconds.",
-    "iseg_capture_connected": "1 while the camera source is open.",
+    "iseg_capture_frames_per_second": "Frames per second read from the camera over the last 5 seconds.",
+    "iseg_capture_connected": "1 while the camera source is open, 0 while it is being reconnected.",
     "iseg_worker_frames_total": "Frames segmented by a worker.",
     "iseg_worker_failed_frames_total": "Frames a worker could not segment (logged, skipped).",
+    "iseg_worker_unsent_results_total": "Results a worker could not hand to the publisher (its queue was full).",
     "iseg_worker_batches_total": "Engine batches run.",
-    "iseg_inference_ms": "Engine milliseconds per frame.",
-    "iseg_worker_ready": "1 once the model is loaded and every class set's embedding is cached.",
+    "iseg_worker_batch_seconds": "Seconds one engine batch took on a worker (all frames of the batch).",
+    "iseg_worker_inference_seconds": "Engine seconds per frame, by camera.",
+    "iseg_worker_ready": "1 once the worker's model is loaded and every class set's embedding is cached.",
     "iseg_publisher_frames_total": "Frame results published.",
     "iseg_publisher_failed_frames_total": "Frames reported failed by a worker.",
-    "iseg_publisher_gap_frames_total": "Frames never seen by the publisher (dropped or lost upstream).",
-    "iseg_e2e_latency_ms": "Capture-to-publish milliseconds.",
+    "iseg_publisher_gap_frames_total":
+        "Frames skipped in the sequence when a later frame arrived (dropped, lost or late).",
+    "iseg_publisher_late_frames_total":
+        "Frames that arrived after a later one, filling a gap counted before; gap minus late is lost.",
+    "iseg_capture_to_publish_seconds": "Seconds from frame capture to its result being published.",
     "iseg_alerts_total": "Alerts raised (after debouncing), persisted and published.",
     "iseg_flagged_frames_total": "Frames with at least one class above its threshold.",
     "iseg_recorder_frames_total": "Flagged frames written to the state directory.",
@@ -43,6 +53,11 @@ HELP = {
     "iseg_role_degraded": "1 while a role runs but cannot do its job (e.g. disk full); its reason is in /stats.",
     "iseg_role_up": "1 while the role's process runs, its heartbeat is fresh and it is not degraded.",
     "iseg_role_restarts_total": "Times the supervisor restarted a role.",
+    "iseg_sink_state": "1 for the sink's current state (ok, degraded or down), 0 for the others.",
+    "iseg_sink_delivered_total": "Alerts a sink delivered.",
+    "iseg_sink_retries_total": "Delivery attempts a sink retried.",
+    "iseg_sink_failures_total": "Delivery attempts that failed.",
+    "iseg_sink_lag_seconds": "Age of the oldest alert a sink has not delivered yet (0 when caught up).",
     "iseg_console_requests_total": "HTTP requests the console answered, by status code.",
     "iseg_console_request_seconds": "Seconds the console took per request (live streams and events excluded).",
     "iseg_console_logins_total": "Console login attempts, by result (ok, failed, limited).",
@@ -53,6 +68,7 @@ HELP = {
     "iseg_console_alerts_pushed_total": "Alerts the console pushed to its event streams.",
     "iseg_console_acks_total": "Alerts acknowledged in the console.",
     "iseg_console_verdicts_total": "Recording verdicts made in the console, by verdict.",
+    "iseg_sink_dead_letters": "Alerts a receiver refused for good, kept for `iseg sinks resend`.",
 }
 
 
@@ -85,7 +101,7 @@ class Registry:
         with self._lock:
             self._gauges.setdefault(name, {})[_key(labels)] = float(value)
 
-    def observe(self, name: str, value: float, buckets: Iterable[float] = LATENCY_BUCKETS_MS, **labels: str) -> None:
+    def observe(self, name: str, value: float, buckets: Iterable[float] = LATENCY_BUCKETS_S, **labels: str) -> None:
         """Record one observation in a histogram."""
         with self._lock:
             series = self._histograms.setdefault(name, {})
@@ -179,12 +195,17 @@ def parse_labels(key: str) -> dict[str, str]:
 
 
 def quantile_from_histogram(hist: dict[str, Any], q: float) -> float | None:
-    """Upper bound of the bucket holding quantile q (Prometheus-style estimate)."""
+    """Quantile q estimated as Prometheus' histogram_quantile does (linear within the bucket,
+    the top finite bound when it falls in +Inf), so /stats and dashboards show the same figure."""
     total = hist["count"]
     if not total:
         return None
     target = q * total
+    lower, below = 0.0, 0
     for bound, count in zip(hist["bounds"], hist["counts"]):
         if count >= target:
-            return float(bound)
-    return math.inf
+            if count == below:
+                return float(bound)
+            return lower + (bound - lower) * (target - below) / (count - below)
+        lower, below = float(bound), count
+    return float(hist["bounds"][-1]) if hist["bounds"] else math.nan

@@ -90,12 +90,26 @@ class Publisher:
         self.session = f"{time.time():.6f}"
         self.flag_seq: dict[str, int] = {}
         self._counted = {"store": 0, "unstored": 0, "state": 0}
+        for name in ("iseg_alert_store_errors_total", "iseg_alerts_unstored_total", "iseg_publisher_state_errors_total"):
+            metrics.inc(name, 0)
+        metrics.set("iseg_alerts_pending", 0)
+        for camera in config.cameras:
+            for series in ("iseg_publisher_frames_total", "iseg_publisher_failed_frames_total",
+                           "iseg_publisher_gap_frames_total", "iseg_publisher_late_frames_total",
+                           "iseg_flagged_frames_total"):
+                metrics.inc(series, 0, camera=camera.id)
+            for name in camera.classes:
+                metrics.inc("iseg_alerts_total", 0, camera=camera.id, **{"class": name})
 
     def handle(self, result: Result, pub: zmq.Socket) -> None:
         """One checked worker result → overlay, mask, maybe alert and flagged-frame messages."""
         camera, seq = result.camera, result.seq
         labels_c = {"camera": camera}
-        self.metrics.inc("iseg_publisher_gap_frames_total", self.tracker.gaps(camera, result.session, seq), **labels_c)
+        change = self.tracker.gaps(camera, result.session, seq)
+        if change >= 0:
+            self.metrics.inc("iseg_publisher_gap_frames_total", change, **labels_c)
+        else:  # counters never go down (rate() would read a reset): a filled gap is counted apart
+            self.metrics.inc("iseg_publisher_late_frames_total", -change, **labels_c)
         if not result.ok:
             self.metrics.inc("iseg_publisher_failed_frames_total", **labels_c)
             self.save_state()
@@ -139,7 +153,7 @@ class Publisher:
             self.first_frame_at = published_ts
             self.log.info("first frame published (camera %s, %.0f ms after capture)", camera, latency_ms)
         self.metrics.inc("iseg_publisher_frames_total", **labels_c)
-        self.metrics.observe("iseg_e2e_latency_ms", latency_ms, **labels_c)
+        self.metrics.observe("iseg_capture_to_publish_seconds", published_ts - result.ts, **labels_c)
         recent = self.latency.setdefault(camera, [])
         recent.append(latency_ms)
         del recent[:-200]

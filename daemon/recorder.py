@@ -264,6 +264,11 @@ class Recorder:
         self.last_flag: dict[str, tuple[str, int]] = {}
         self.last_full_log = 0.0
         self.degraded = ""
+        metrics.inc("iseg_recorder_deleted_total", 0)
+        for camera in config.cameras:
+            for series in ("iseg_recorder_frames_total", "iseg_recorder_disk_full_total",
+                           "iseg_recorder_write_errors_total", "iseg_recorder_missed_total"):
+                metrics.inc(series, 0, camera=camera.id)
 
     def retention(self, needed_mb: float = 0.0) -> int:
         """One retention pass with the configured policy; returns how many recordings it deleted."""

@@ -42,10 +42,16 @@ from daemon.metrics import Registry, merge, parse_labels, quantile_from_histogra
 from daemon.model_setup import ensure_model
 from daemon.role import EX_CONFIG, StopFlag
 from daemon.sdnotify import Notifier
+from daemon.sinks.status import sink_stats
 from daemon.state_lock import ENV_FD, acquire
 
-STOP_ORDER = ("capture", "worker", "publisher", "recorder", "console")
-START_ORDER = ("publisher", "recorder", "console", "worker", "capture")
+STOP_ORDER = ("capture", "worker", "publisher", "recorder", "console", "sinks")
+START_ORDER = ("publisher", "recorder", "console", "sinks", "worker", "capture")
+
+
+def _ms(seconds: float | None) -> float | None:
+    """/stats reports milliseconds (operators read it by eye); /metrics keeps seconds."""
+    return None if seconds is None else seconds * 1000
 
 
 @dataclass
@@ -99,11 +105,15 @@ class Supervisor:
             self.roles.append(RoleProcess("recorder", "recorder", base + ["record"] + config_arg))
         if config.console.enabled:
             self.roles.append(RoleProcess("console", "console", base + ["console"] + config_arg))
+        if config.sinks:
+            self.roles.append(RoleProcess("sinks", "sinks", base + ["sinks"] + config_arg))
         for i in range(config.worker.count):
             self.roles.append(RoleProcess(f"worker.{i}", "worker", base + ["worker", "--name", f"worker.{i}"] + config_arg))
         for camera in config.cameras:
             self.roles.append(RoleProcess(f"capture.{camera.id}", "capture",
                                           base + ["capture", "--camera", camera.id] + config_arg))
+        for role in self.roles:
+            self.metrics.inc("iseg_role_restarts_total", 0, role=role.name)
 
     # -- processes -------------------------------------------------------------------------
 
@@ -239,6 +249,9 @@ class Supervisor:
             degraded = self._degraded(role)
             self.metrics.set("iseg_role_up", 1 if self._fresh(role, now) and not degraded else 0, role=role.name)
             self.metrics.set("iseg_role_degraded", 1 if degraded else 0, role=role.name)
+            if role.role == "worker":
+                loaded = bool(role.heartbeat and role.heartbeat.get("state", {}).get("ready"))
+                self.metrics.set("iseg_worker_ready", 1 if loaded and self._fresh(role, now) else 0, worker=role.name)
         if not self.ready:
             workers = [r for r in self.roles if r.role == "worker"]
             publisher = self.roles[0]
@@ -273,22 +286,25 @@ class Supervisor:
                  "iseg_capture_reconnects_total": "reconnects", "iseg_worker_frames_total": "processed",
                  "iseg_worker_failed_frames_total": "failed", "iseg_publisher_frames_total": "published",
                  "iseg_publisher_failed_frames_total": "published_failed", "iseg_publisher_gap_frames_total": "gaps",
+                 "iseg_publisher_late_frames_total": "late",
                  "iseg_alerts_total": "alerts", "iseg_flagged_frames_total": "flagged",
                  "iseg_recorder_frames_total": "recorded", "iseg_recorder_disk_full_total": "disk_full",
-                 "iseg_capture_fps": "fps"}
+                 "iseg_capture_frames_per_second": "fps"}
         for metric, key in names.items():
             series = merged["counters"].get(metric) or merged["gauges"].get(metric) or {}
             for labels, value in series.items():
                 camera = parse_labels(labels).get("camera")
                 if camera in cameras:
                     cameras[camera][key] = cameras[camera].get(key, 0) + value
-        for metric, key in (("iseg_e2e_latency_ms", "latency"), ("iseg_inference_ms", "inference")):
+        for flow in cameras.values():
+            flow["gaps"] = flow.get("gaps", 0) - flow.pop("late", 0)
+        for metric, key in (("iseg_capture_to_publish_seconds", "latency"), ("iseg_worker_inference_seconds", "inference")):
             for labels, hist in merged["histograms"].get(metric, {}).items():
                 camera = parse_labels(labels).get("camera")
                 if camera in cameras:
-                    cameras[camera][f"{key}_ms_p50"] = quantile_from_histogram(hist, 0.5)
-                    cameras[camera][f"{key}_ms_p99"] = quantile_from_histogram(hist, 0.99)
-                    cameras[camera][f"{key}_ms_mean"] = hist["sum"] / hist["count"] if hist["count"] else None
+                    cameras[camera][f"{key}_ms_p50"] = _ms(quantile_from_histogram(hist, 0.5))
+                    cameras[camera][f"{key}_ms_p99"] = _ms(quantile_from_histogram(hist, 0.99))
+                    cameras[camera][f"{key}_ms_mean"] = _ms(hist["sum"] / hist["count"] if hist["count"] else None)
         rejected: dict[str, dict[str, float]] = {}
         for labels, value in merged["counters"].get("iseg_rejected_messages_total", {}).items():
             parsed = parse_labels(labels)
@@ -303,15 +319,19 @@ class Supervisor:
                                 "heartbeat_age_s": round(now - role.heard_at, 2) if role.heard_at else None,
                                 "busy_since": hb.get("busy_since"), "state": hb.get("state", {}),
                                 "rejected": rejected.get(role.name, {})}
+        sinks = sink_stats(merged, [r.heartbeat for r in self.roles if r.role == "sinks"], self.config.sinks)
         return {"ready": self.ready, "failed": self.failed, "state_dir": str(self.config.state_path),
-                "roles": roles, "cameras": cameras, "supervisor": {"rejected": rejected.get("supervisor", {})}, "ts": now}
+                "roles": roles, "cameras": cameras, "sinks": sinks,
+                "supervisor": {"rejected": rejected.get("supervisor", {})}, "ts": now}
 
     def respond(self, path: str) -> tuple[int, str, bytes]:
         """Answer one HTTP path."""
         now = time.time()
         if path == "/healthz":
             healthy = not self.failed and (self.phase != "running" or now - self.last_loop < 5.0)
-            return json_body(200 if healthy else 503, {"healthy": healthy, "phase": self.phase, "failed": self.failed})
+            sinks = {name: info["state"] for name, info in self.stats()["sinks"].items()}
+            return json_body(200 if healthy else 503, {"healthy": healthy, "phase": self.phase, "failed": self.failed,
+                                                       "sinks": sinks})
         if path == "/readyz":
             stale = [r.name for r in self.roles if not self._fresh(r, now)]
             ok = self.ready and not stale and not self.failed
@@ -319,7 +339,7 @@ class Supervisor:
             return json_body(200 if ok else 503, {"ready": ok, "first_frame_done": self.ready, "stale_roles": stale,
                                                   "degraded_roles": degraded})
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4", render_prometheus(self._snapshots()).encode()
+            return 200, "text/plain; version=0.0.4; charset=utf-8", render_prometheus(self._snapshots()).encode()
         if path == "/stats":
             return json_body(200, self.stats())
         return json_body(404, {"error": f"no such path {path}; try /healthz /readyz /metrics /stats"})

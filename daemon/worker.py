@@ -83,7 +83,11 @@ class Worker:
         self.boundary = Boundary.from_config(config)
         self.rejections = Rejections(metrics, name, log)
         self.thresholds = {}
+        metrics.inc("iseg_worker_batches_total", 0, worker=name)
         for camera in config.cameras:
+            for series in ("iseg_worker_frames_total", "iseg_worker_failed_frames_total",
+                           "iseg_worker_unsent_results_total"):
+                metrics.inc(series, 0, worker=name, camera=camera.id)
             chosen = thresholds_for(config, camera)
             self.thresholds[camera.id] = {name: value for name, (value, _) in chosen.items()}
             log.info("camera %s thresholds: %s", camera.id,
@@ -127,8 +131,9 @@ class Worker:
             self.heartbeat.busy(True)
         try:
             try:
+                started = time.perf_counter()
                 results = self.segmenter.segment([p.frame for p in batch], sets, keep_maps=False)
-                self.metrics.inc("iseg_worker_batches_total", worker=self.name)
+                self._count_batch(time.perf_counter() - started)
                 return [(p, r, "") for p, r in zip(batch, results)]
             except Exception as err:  # noqa: BLE001 (a frame the engine cannot take fails alone, never the worker)
                 if len(batch) == 1:
@@ -136,14 +141,19 @@ class Worker:
             outcomes = []
             for pending, class_set in zip(batch, sets):
                 try:
+                    started = time.perf_counter()
                     outcomes.append((pending, self.segmenter.segment([pending.frame], class_set, keep_maps=False)[0], ""))
-                    self.metrics.inc("iseg_worker_batches_total", worker=self.name)
+                    self._count_batch(time.perf_counter() - started)
                 except Exception as err:  # noqa: BLE001
                     outcomes.append((pending, None, f"{type(err).__name__}: {err}"))
             return outcomes
         finally:
             if self.heartbeat:
                 self.heartbeat.busy(False)
+
+    def _count_batch(self, seconds: float) -> None:
+        self.metrics.inc("iseg_worker_batches_total", worker=self.name)
+        self.metrics.observe("iseg_worker_batch_seconds", seconds, worker=self.name)
 
     def result_message(self, pending: PendingFrame, result: Any, error: str) -> tuple[dict[str, Any], list[Any]]:
         """Header and payloads of one result for the publisher."""
@@ -171,7 +181,8 @@ class Worker:
                 self.log.warning("frame %s/%s failed: %s", camera, pending.header["seq"], error)
             else:
                 self.metrics.inc("iseg_worker_frames_total", worker=self.name, camera=camera)
-                self.metrics.observe("iseg_inference_ms", result.timings_ms.get("total_ms", 0.0), camera=camera)
+                self.metrics.observe("iseg_worker_inference_seconds", result.timings_ms.get("total_ms", 0.0) / 1000,
+                                     camera=camera)
             header, payloads = self.result_message(pending, result, error)
             try:
                 send(push, "result", header, payloads)
@@ -214,7 +225,6 @@ def run_worker(config: DaemonConfig, stop: StopFlag, name: str = "worker.0", rem
         pull, push, endpoints = connect_sockets(ctx, config, remote)
         log.info("worker %s (pid %d) ready: batch %d, max wait %.0f ms, on %s", name, os.getpid(),
                  config.worker.batch_size, config.worker.max_wait_ms, ", ".join(endpoints))
-        metrics.set("iseg_worker_ready", 1, worker=name)
         heartbeat.progress()  # loading took long; without this the first "ready" heartbeat looks like a stuck loop
         heartbeat.update(ready=True, backend=segmenter.backend_name, cuda_graphs=segmenter.cuda_graphs)
         worker.loop(pull, push, stop)

@@ -78,8 +78,8 @@ def test_heartbeats_only_from_the_started_pid_with_its_token():
     good = {"role": "worker", "name": "worker.0", "pid": os.getpid(), "token": "t0k", "ts": now, "progress_at": now,
             "busy_since": now, "state": {"ready": True, "backend": "torch"},
             "metrics": {"counters": {"iseg_worker_frames_total": {'camera="belt1",worker="worker.0"': 3.0}},
-                        "gauges": {}, "histograms": {"iseg_inference_ms": {'camera="belt1"': {
-                            "bounds": [5, 10], "counts": [1, 2], "sum": 12.0, "count": 2}}}}}
+                        "gauges": {}, "histograms": {"iseg_worker_inference_seconds": {'camera="belt1"': {
+                            "bounds": [0.005, 0.01], "counts": [1, 2], "sum": 0.012, "count": 2}}}}}
     beat = heartbeat([b"heartbeat", encode(good)], expected)
     assert beat["busy_since"] == now and beat["metrics"]["counters"]["iseg_worker_frames_total"]
     for what, parts in hostile_heartbeats("worker.0", "worker", os.getpid(), "t0k"):
