@@ -43,13 +43,19 @@ def summarise(scores: np.ndarray, classes: tuple[str, ...], quantile: float, mar
     return result
 
 
-def save_calibration(config: DaemonConfig, camera: CameraConfig, scores: np.ndarray, model_fingerprint: str) -> Path:
-    """Write the calibration atomically (tmp + rename) so a worker never reads half a file."""
+def save_calibration(config: DaemonConfig, camera: CameraConfig, scores: np.ndarray, model_fingerprint: str,
+                     frames: list[np.ndarray] | None = None) -> Path:
+    """Write the calibration atomically (tmp + rename) so a worker never reads half a file; with the
+    frames, the health baselines (sharpness, brightness) are stored with it."""
+    from daemon.linestats.health import baseline_from_frames
+
     path = calibration_file(config, camera.id)
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {"camera": camera.id, "classes": list(camera.classes), "bg_context": camera.bg_context,
                 "model": model_fingerprint, "created": time.time(),
                 "per_class": summarise(scores, camera.classes, config.calibration.quantile, config.calibration.margin)}
+    if frames:
+        document["health_baseline"] = baseline_from_frames(frames)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(document, indent=2))
     os.replace(tmp, path)
@@ -100,6 +106,7 @@ def collect_frames(camera: CameraConfig, count: int, timeout_s: float = 120.0,
 
 def run_calibration(config: DaemonConfig, camera_id: str, count: int, report: Any = print) -> Path:
     """Segment `count` known-good frames, store the score distribution and thresholds; returns the file."""
+    from daemon.linestats.overrides import ThresholdBook
     from daemon.model_setup import load_segmenter
 
     camera = config.camera(camera_id)
@@ -114,9 +121,30 @@ def run_calibration(config: DaemonConfig, camera_id: str, count: int, report: An
         results = segmenter.segment(batch, class_sets[camera.id], keep_maps=False)
         scores += [r.presence for r in results]
         report(f"  {start + len(batch)}/{count} frames")
-    path = save_calibration(config, camera, np.stack(scores), segmenter.fingerprint)
+    path = save_calibration(config, camera, np.stack(scores), segmenter.fingerprint, frames)
     document = json.loads(path.read_text())
+    book = ThresholdBook(config)
     for name, stats in document["per_class"].items():
         report(f"  {name}: mean {stats['mean']:.3f}, p99 {stats['p99']:.3f}, max {stats['max']:.3f} -> threshold {stats['threshold']:.3f}")
-    report(f"calibration written to {path}; restart the workers (or `iseg run`) to use it")
+        book.set(camera.id, name, stats["threshold"], user="calibrate",
+                 reason=f"calibration on {count} known-good frames "
+                        f"(q{config.calibration.quantile:g} + {config.calibration.margin:g})")
+    report(f"calibration written to {path}; thresholds set as live overrides (running workers apply them; "
+           "see `iseg thresholds show`)")
     return path
+
+
+def health_baselines(config: DaemonConfig) -> dict[str, dict[str, Any]]:
+    """Per camera, the health baselines stored with its calibration: image measures and the
+    presence histogram of every class (for the drift check)."""
+    out: dict[str, dict[str, Any]] = {}
+    for camera in config.cameras:
+        try:
+            document = json.loads(calibration_file(config, camera.id).read_text())
+        except (OSError, ValueError):
+            continue
+        if document.get("classes") != list(camera.classes):
+            continue
+        out[camera.id] = {"image": document.get("health_baseline"),
+                          "presence": {name: v["histogram"]["counts"] for name, v in document["per_class"].items()}}
+    return out

@@ -336,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--frames", type=int, default=100)
     calibrate.set_defaults(func=cmd_calibrate)
 
+    import daemon.linestats.cli
+
+    daemon.linestats.cli.register(sub)
+
     keys = sub.add_parser("gen-keys", help="write CurveZMQ server and client key pairs")
     keys.add_argument("dir")
     keys.set_defaults(func=cmd_gen_keys)

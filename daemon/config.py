@@ -25,6 +25,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from daemon.console.config import ConsoleConfig
 from daemon.sinks.config import MAX_SINKS, SinkConfig, SinkConfigError, check_sinks, sink_models
+from daemon.linestats.config import HealthConfig, ShiftConfig, StatsConfig, check_linestats, check_shifts
 from engine import DEFAULT_BG_CONTEXT, DtypeName, EngineError, IsegSettings
 
 MAX_CONFIG_BYTES = 1_000_000
@@ -132,6 +133,9 @@ class SyntheticSource(Section):
     height: Annotated[StrictInt, Field(ge=64, le=4096)] = 240
     defect_every: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 3
     corrupt_every: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 0
+    fault_cue: Optional[Annotated[Text, Field(min_length=1)]] = None
+    """A file whose content (freeze, blur, dark, or empty for none) switches a camera fault on, for
+    health demos and tests; read at most 4 times a second."""
 
 
 class CameraConfig(Section):
@@ -367,6 +371,9 @@ class DaemonConfig(Section):
     limits: LimitsConfig = LimitsConfig()
     console: ConsoleConfig = ConsoleConfig()
     sinks: Annotated[tuple[SinkConfig, ...], Field(max_length=MAX_SINKS)] = ()
+    shifts: Annotated[tuple[ShiftConfig, ...], Field(max_length=24)] = ()
+    stats: StatsConfig = StatsConfig()
+    health: HealthConfig = HealthConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _path: str = PrivateAttr("")
@@ -398,6 +405,8 @@ class DaemonConfig(Section):
             check_sinks(self.sinks, [cam.id for cam in self.cameras])
         except SinkConfigError as err:
             raise _rule(f"sinks{err.key}", err.text) from None
+        check_shifts(self.shifts)
+        check_linestats(self)
         return self
 
     @property

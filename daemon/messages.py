@@ -221,6 +221,17 @@ class Picture:
 
 
 @dataclass(frozen=True)
+class SelfTest:
+    """A `selftest` message from a worker: the outcome of its golden-sample self-test."""
+
+    worker: str
+    camera: str
+    ok: bool
+    detail: str
+    ts: float
+
+
+@dataclass(frozen=True)
 class ReplayRequest:
     """`{"since": id, "limit": n, "camera": id or null}` on the replay socket."""
 
@@ -300,6 +311,18 @@ class Boundary:
                       frame=np.frombuffer(payloads[0], dtype=np.uint8).reshape(frame_shape),
                       labels=np.frombuffer(payloads[1], dtype=np.uint8).reshape(labels_shape),
                       frame_spec={"shape": list(frame_shape), "dtype": "uint8"}, **common)
+
+    def self_test(self, frames: Sequence[Any]) -> SelfTest:
+        """`[selftest, header]` from a worker: worker, a configured camera, ok, detail text, ts."""
+        topic, h, _ = _parts(frames, (2,), MAX_HEADER_BYTES)
+        if topic != "selftest":
+            raise Rejected("topic", f"topic {topic[:60]!r} is not 'selftest'")
+        ok = _field(h, "ok", "selftest")
+        if type(ok) is not bool:
+            raise Rejected("type", "ok must be true or false")
+        return SelfTest(_str(_field(h, "worker", "selftest"), MAX_NAME, "worker"),
+                        self._camera(_field(h, "camera", "selftest")), ok,
+                        _str(h.get("detail") or "", MAX_ERROR_TEXT, "detail"), _ts(_field(h, "ts", "selftest"), "ts"))
 
     @staticmethod
     def _per_class(value: Any, classes: tuple[str, ...], what: str) -> dict[str, float]:

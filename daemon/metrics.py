@@ -51,6 +51,11 @@ HELP = {
     "iseg_alerts_unstored_total": "Alerts published but never stored (memory hold was full).",
     "iseg_publisher_state_errors_total": "Failed saves of the publisher's restart state (cooldowns, sequences).",
     "iseg_role_degraded": "1 while a role runs but cannot do its job (e.g. disk full); its reason is in /stats.",
+    "iseg_camera_health_state": "1 for the camera's current health state (ok, frozen, defocus, exposure, "
+                                "presence_drift, unreliable), 0 for the others.",
+    "iseg_worker_self_tests_total": "Golden-sample self-tests run by a worker, by result (pass, fail).",
+    "iseg_publisher_linestats_dropped_frames_total": "Frames left out of the summary store because its writer "
+                                                     "fell behind.",
     "iseg_role_up": "1 while the role's process runs, its heartbeat is fresh and it is not degraded.",
     "iseg_role_restarts_total": "Times the supervisor restarted a role.",
     "iseg_sink_state": "1 for the sink's current state (ok, degraded or down), 0 for the others.",

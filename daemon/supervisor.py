@@ -37,6 +37,7 @@ import zmq
 
 from daemon.config import DaemonConfig
 from daemon.health import HealthServer, json_body
+from daemon.linestats import api as linestats_api
 from daemon.messages import MAX_HEARTBEAT_BYTES, Rejected, Rejections, heartbeat
 from daemon.metrics import Registry, merge, parse_labels, quantile_from_histogram, render_prometheus
 from daemon.model_setup import ensure_model
@@ -322,6 +323,7 @@ class Supervisor:
         sinks = sink_stats(merged, [r.heartbeat for r in self.roles if r.role == "sinks"], self.config.sinks)
         return {"ready": self.ready, "failed": self.failed, "state_dir": str(self.config.state_path),
                 "roles": roles, "cameras": cameras, "sinks": sinks,
+                "health": linestats_api.health(self.config, now)["cameras"],
                 "supervisor": {"rejected": rejected.get("supervisor", {})}, "ts": now}
 
     def respond(self, path: str) -> tuple[int, str, bytes]:
