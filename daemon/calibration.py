@@ -17,11 +17,7 @@ from typing import Any
 import numpy as np
 
 from daemon.config import CameraConfig, ConfigError, DaemonConfig, LimitsConfig
-
-
-def calibration_file(config: DaemonConfig, camera_id: str) -> Path:
-    """Where a camera's calibration lives in the state dir."""
-    return config.state_path / "calibration" / f"{camera_id}.json"
+from daemon.thresholds import calibration_file
 
 
 def summarise(scores: np.ndarray, classes: tuple[str, ...], quantile: float, margin: float) -> dict[str, Any]:
@@ -60,29 +56,6 @@ def save_calibration(config: DaemonConfig, camera: CameraConfig, scores: np.ndar
     tmp.write_text(json.dumps(document, indent=2))
     os.replace(tmp, path)
     return path
-
-
-def thresholds_for(config: DaemonConfig, camera: CameraConfig) -> dict[str, tuple[float, str]]:
-    """Each class's threshold and where it came from: the camera's config (an explicit
-    override) wins, then a calibration for this exact class set, then alerts.default_threshold."""
-    calibrated: dict[str, float] = {}
-    path = calibration_file(config, camera.id)
-    if path.is_file():
-        try:
-            document = json.loads(path.read_text())
-        except ValueError:
-            document = {}
-        if document.get("classes") == list(camera.classes) and document.get("bg_context") == camera.bg_context:
-            calibrated = {name: float(v["threshold"]) for name, v in document["per_class"].items()}
-    chosen = {}
-    for name in camera.classes:
-        if name in camera.thresholds:
-            chosen[name] = (camera.thresholds[name], "config")
-        elif name in calibrated:
-            chosen[name] = (calibrated[name], "calibration")
-        else:
-            chosen[name] = (config.alerts.default_threshold, "default")
-    return chosen
 
 
 def collect_frames(camera: CameraConfig, count: int, timeout_s: float = 120.0,

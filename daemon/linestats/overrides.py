@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.calibration import thresholds_for
+from daemon.thresholds import thresholds_for
 from daemon.config import CameraConfig, DaemonConfig
 
 CHECK_EVERY_S = 0.5
