@@ -6,7 +6,7 @@ Runs the demo config (real processes, `iseg run`, console enabled) with the came
 than the worker can keep up, so the pipeline's frames/s is the worker's capacity. Phase 1:
 no viewers. Phase 2: `--viewers` clients read `live.mjpeg` for `--seconds`, plus one client
 that connects and never reads (a stalled browser). Reported: capture→receipt latency p50/p99
-of live frames, frames/s each viewer got, the console process's CPU %, the pipeline's
+of live frames (and the console's own share: its receipt of the overlay → the viewer's), frames/s each viewer got, the console process's CPU %, the pipeline's
 frames/s with and without viewers, and the readers' frames/s next to the stalled one.
 Figures depend on the machine (and on whatever else runs on it): the JSON records the CPU count.
 """
@@ -55,6 +55,7 @@ class Viewer(threading.Thread):
         super().__init__(daemon=True)
         self.host, self.port, self.token, self.stop = host, port, token, stop
         self.latencies_ms: list[float] = []
+        self.console_ms: list[float] = []
         self.frames = 0
         self.error = ""
 
@@ -84,6 +85,7 @@ class Viewer(threading.Thread):
                 received = time.time()
                 self.frames += 1
                 self.latencies_ms.append((received - float(headers["x-capture-ts"])) * 1000)
+                self.console_ms.append((received - float(headers["x-console-ts"])) * 1000)
         except (OSError, http.client.HTTPException, KeyError, ValueError) as err:
             self.error = str(err)
         finally:
@@ -167,6 +169,7 @@ def main() -> int:
         time.sleep(3)
         for viewer in viewers:
             viewer.latencies_ms.clear()
+            viewer.console_ms.clear()
             viewer.frames = 0
         start_pub, start_cpu, t0 = published(metrics_url), cpu_seconds(console_pid), time.monotonic()
         time.sleep(args.seconds)
@@ -175,6 +178,7 @@ def main() -> int:
         cpu_busy = (cpu_seconds(console_pid) - start_cpu) / busy_s * 100
         per_viewer = [v.frames / busy_s for v in viewers]
         latencies = np.array([ms for v in viewers for ms in v.latencies_ms])
+        console_ms = np.array([ms for v in viewers for ms in v.console_ms])
         stop.set()
         stalled.close()
         result = {
@@ -185,6 +189,9 @@ def main() -> int:
             "live_latency_ms": {"p50": float(np.percentile(latencies, 50)) if latencies.size else None,
                                 "p99": float(np.percentile(latencies, 99)) if latencies.size else None,
                                 "frames": int(latencies.size)},
+            "console_to_viewer_ms": {"p50": float(np.percentile(console_ms, 50)) if console_ms.size else None,
+                                     "p99": float(np.percentile(console_ms, 99)) if console_ms.size else None,
+                                     "note": "from the console receiving an overlay to a viewer having read it"},
             "viewer_fps": {"min": min(per_viewer), "max": max(per_viewer), "mean": float(np.mean(per_viewer)),
                            "each": [round(f, 3) for f in per_viewer]},
             "viewer_errors": [v.error for v in viewers if v.error],

@@ -302,7 +302,8 @@ async def live_mjpeg(request: Request) -> Response:
                 last = frame.number
                 console.metrics.inc("iseg_console_live_frames_sent_total", camera=camera)
                 yield (b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: " + str(len(frame.jpeg)).encode()
-                       + f"\r\nX-Seq: {frame.seq}\r\nX-Capture-Ts: {frame.capture_ts:.6f}\r\n\r\n".encode()
+                       + f"\r\nX-Seq: {frame.seq}\r\nX-Capture-Ts: {frame.capture_ts:.6f}"
+                         f"\r\nX-Console-Ts: {frame.received_ts:.6f}\r\n\r\n".encode()
                        + frame.jpeg + b"\r\n")
         finally:
             console.viewers -= 1

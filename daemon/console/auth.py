@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from daemon.console.users import User, UserDirectory
 
-COOKIE = "iseg_session"
+COOKIE = "iseg-session"
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
 

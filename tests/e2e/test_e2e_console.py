@@ -289,16 +289,16 @@ def test_viewer_cannot_ack_or_judge_and_cross_site_posts_are_refused(console, br
         assert tab.fetch("POST", "/api/alerts/1/ack", {})["status"] == 403
         assert tab.fetch("GET", "/api/recordings/1")["status"] == 200
         # A cookie without a same-origin Origin header (what a forged cross-site form would send) is refused.
-        cookie = next(c for c in tab.context.cookies() if c["name"] == "iseg_session")
+        cookie = next(c for c in tab.context.cookies() if c["name"] == "iseg-session")
         assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]
     finally:
         tab.close()
     tab = Tab(browser, console)
     try:
         tab.login(*OPERATOR)
-        cookie = next(c for c in tab.context.cookies() if c["name"] == "iseg_session")
+        cookie = next(c for c in tab.context.cookies() if c["name"] == "iseg-session")
         status, _, body = console.request("POST", "/api/recordings/1/verdict", b'{"verdict": "unsure"}',
-                                          {"Cookie": f"iseg_session={cookie['value']}", "Origin": "http://evil.example",
+                                          {"Cookie": f"iseg-session={cookie['value']}", "Origin": "http://evil.example",
                                            "Content-Type": "application/json"})
         assert status == 403 and b"cross-site" in body
     finally:
