@@ -50,7 +50,6 @@ MAX_ROI_OFFSET = 1_000_000
 MAX_SERIES = 20_000
 MAX_STATE_KEYS = 64
 REPLAY_KEYS = frozenset({"since", "limit", "camera"})
-SUPERVISED_ROLES = frozenset({"capture", "worker", "publisher", "recorder", "console"})
 LOG_EVERY_S = 10.0
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,199}")
