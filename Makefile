@@ -26,8 +26,11 @@ segment-demo: $(BIN)/iseg $(TINY_MODEL)/model_index.json
 	$(BIN)/iseg segment engine/samples/*.png --model $(TINY_MODEL) --classes scratch,dent,crack \
 		--bg-context "metal surface, table, background" --out out/demo --save-maps
 
-# The demo daemon on a synthetic camera (tiny model built on first run); Ctrl-C stops it early.
+# The demo daemon on a synthetic camera (tiny model built on first run) with the operator console;
+# a demo operator gets a fresh random password, printed with the console URL. Ctrl-C stops it early.
 demo: $(BIN)/iseg
+	@$(BIN)/iseg users add demo --role operator --random-password --config configs/demo.yaml | \
+		sed -n 's/^  password: //p' | { read -r pw; printf '\nconsole:  http://127.0.0.1:8080/\nuser:     demo\npassword: %s\n\n' "$$pw"; }
 	$(BIN)/iseg run --config configs/demo.yaml --duration $(DURATION)
 
 test: $(BIN)/iseg

@@ -17,11 +17,7 @@ from typing import Any
 import numpy as np
 
 from daemon.config import CameraConfig, ConfigError, DaemonConfig, LimitsConfig
-
-
-def calibration_file(config: DaemonConfig, camera_id: str) -> Path:
-    """Where a camera's calibration lives in the state dir."""
-    return config.state_path / "calibration" / f"{camera_id}.json"
+from daemon.thresholds import calibration_file
 
 
 def summarise(scores: np.ndarray, classes: tuple[str, ...], quantile: float, margin: float) -> dict[str, Any]:
@@ -43,40 +39,23 @@ def summarise(scores: np.ndarray, classes: tuple[str, ...], quantile: float, mar
     return result
 
 
-def save_calibration(config: DaemonConfig, camera: CameraConfig, scores: np.ndarray, model_fingerprint: str) -> Path:
-    """Write the calibration atomically (tmp + rename) so a worker never reads half a file."""
+def save_calibration(config: DaemonConfig, camera: CameraConfig, scores: np.ndarray, model_fingerprint: str,
+                     frames: list[np.ndarray] | None = None) -> Path:
+    """Write the calibration atomically (tmp + rename) so a worker never reads half a file; with the
+    frames, the health baselines (sharpness, brightness) are stored with it."""
+    from daemon.linestats.health import baseline_from_frames
+
     path = calibration_file(config, camera.id)
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {"camera": camera.id, "classes": list(camera.classes), "bg_context": camera.bg_context,
                 "model": model_fingerprint, "created": time.time(),
                 "per_class": summarise(scores, camera.classes, config.calibration.quantile, config.calibration.margin)}
+    if frames:
+        document["health_baseline"] = baseline_from_frames(frames)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(document, indent=2))
     os.replace(tmp, path)
     return path
-
-
-def thresholds_for(config: DaemonConfig, camera: CameraConfig) -> dict[str, tuple[float, str]]:
-    """Each class's threshold and where it came from: the camera's config (an explicit
-    override) wins, then a calibration for this exact class set, then alerts.default_threshold."""
-    calibrated: dict[str, float] = {}
-    path = calibration_file(config, camera.id)
-    if path.is_file():
-        try:
-            document = json.loads(path.read_text())
-        except ValueError:
-            document = {}
-        if document.get("classes") == list(camera.classes) and document.get("bg_context") == camera.bg_context:
-            calibrated = {name: float(v["threshold"]) for name, v in document["per_class"].items()}
-    chosen = {}
-    for name in camera.classes:
-        if name in camera.thresholds:
-            chosen[name] = (camera.thresholds[name], "config")
-        elif name in calibrated:
-            chosen[name] = (calibrated[name], "calibration")
-        else:
-            chosen[name] = (config.alerts.default_threshold, "default")
-    return chosen
 
 
 def collect_frames(camera: CameraConfig, count: int, timeout_s: float = 120.0,
@@ -100,6 +79,7 @@ def collect_frames(camera: CameraConfig, count: int, timeout_s: float = 120.0,
 
 def run_calibration(config: DaemonConfig, camera_id: str, count: int, report: Any = print) -> Path:
     """Segment `count` known-good frames, store the score distribution and thresholds; returns the file."""
+    from daemon.linestats.overrides import ThresholdBook
     from daemon.model_setup import load_segmenter
 
     camera = config.camera(camera_id)
@@ -114,12 +94,33 @@ def run_calibration(config: DaemonConfig, camera_id: str, count: int, report: An
         results = segmenter.segment(batch, class_sets[camera.id], keep_maps=False)
         scores += [r.presence for r in results]
         report(f"  {start + len(batch)}/{count} frames")
-    path = save_calibration(config, camera, np.stack(scores), segmenter.fingerprint)
+    path = save_calibration(config, camera, np.stack(scores), segmenter.fingerprint, frames)
     document = json.loads(path.read_text())
+    book = ThresholdBook(config)
     for name, stats in document["per_class"].items():
         report(f"  {name}: mean {stats['mean']:.3f}, p99 {stats['p99']:.3f}, max {stats['max']:.3f} -> threshold {stats['threshold']:.3f}")
-    report(f"calibration written to {path}; restart the workers (or `iseg run`) to use it")
+        book.set(camera.id, name, stats["threshold"], user="calibrate",
+                 reason=f"calibration on {count} known-good frames "
+                        f"(q{config.calibration.quantile:g} + {config.calibration.margin:g})")
+    report(f"calibration written to {path}; thresholds set as live overrides (running workers apply them; "
+           "see `iseg thresholds show`)")
     return path
+
+
+def health_baselines(config: DaemonConfig) -> dict[str, dict[str, Any]]:
+    """Per camera, the health baselines stored with its calibration: image measures and the
+    presence histogram of every class (for the drift check)."""
+    out: dict[str, dict[str, Any]] = {}
+    for camera in config.cameras:
+        try:
+            document = json.loads(calibration_file(config, camera.id).read_text())
+        except (OSError, ValueError):
+            continue
+        if document.get("classes") != list(camera.classes):
+            continue
+        out[camera.id] = {"image": document.get("health_baseline"),
+                          "presence": {name: v["histogram"]["counts"] for name, v in document["per_class"].items()}}
+    return out
 
 
 def eval_operating_point(document: Any, fpr: float, category: str | None, source: str) -> tuple[str, dict[str, Any]]:
@@ -150,9 +151,12 @@ def calibrate_from_eval(config: DaemonConfig, camera_id: str, eval_path: Path, f
     """Set every class of the camera to the eval's image-level threshold at false-alarm rate `fpr`.
 
     The eval scored an image by its presence, max over the classes, so one threshold for all
-    classes flags exactly the images the eval counted at that rate. The thresholds are stored
-    as the camera's calibration (the path thresholds_for reads), with where they came from.
+    classes flags exactly the images the eval counted at that rate. The thresholds go through
+    the audited live overrides, as a frame calibration's do; the known-good calibration file
+    (and its health baselines) is left as it is. Returns the overrides folder.
     """
+    from daemon.linestats.overrides import ThresholdBook, overrides_dir
+
     camera = config.camera(camera_id)
     try:
         document = json.loads(Path(eval_path).read_text())
@@ -162,22 +166,17 @@ def calibrate_from_eval(config: DaemonConfig, camera_id: str, eval_path: Path, f
         raise ConfigError(f"--from-eval: {eval_path} is not JSON (write it with `iseg eval ... --json FILE`)") from None
     category, point = eval_operating_point(document, fpr, category, str(eval_path))
     threshold = float(point["threshold"])
-    entry = {"threshold": threshold, "source": "eval", "eval": str(eval_path), "category": category,
-             "target_fpr": fpr, "fpr": point.get("fpr"), "recall": point.get("recall")}
-    path = calibration_file(config, camera.id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    calibration = {"camera": camera.id, "classes": list(camera.classes), "bg_context": camera.bg_context,
-                   "created": time.time(), "per_class": {name: dict(entry) for name in camera.classes}}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(calibration, indent=2))
-    os.replace(tmp, path)
+    recall = point.get("recall")
     evaluated = document["categories"][category].get("classes")
     if evaluated and list(evaluated) != list(camera.classes):
         report(f"  note: the eval prompted {', '.join(evaluated)}; camera {camera.id} prompts "
                f"{', '.join(camera.classes)}: presence scores are comparable only for the same prompt and model")
-    recall = point.get("recall")
-    report(f"  {category} at {100 * fpr:g}% false alarms: threshold {threshold:.4f}"
-           + (f", recall {100 * recall:.1f}%" if isinstance(recall, (int, float)) else "")
-           + f" -> every class of {camera.id}")
-    report(f"calibration written to {path}; restart the workers (or `iseg run`) to use it")
-    return path
+    recall_text = f", recall {100 * recall:.1f}%" if isinstance(recall, (int, float)) else ""
+    book = ThresholdBook(config)
+    for name in camera.classes:
+        book.set(camera.id, name, threshold, user="calibrate",
+                 reason=f"eval {eval_path}, {category} at {100 * fpr:g}% image false alarms{recall_text}")
+    report(f"  {category} at {100 * fpr:g}% false alarms: threshold {threshold:.4f}{recall_text}"
+           f" -> every class of {camera.id}")
+    report("thresholds set as live overrides (running workers apply them; see `iseg thresholds show`)")
+    return overrides_dir(config.state_path)

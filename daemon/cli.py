@@ -1,7 +1,8 @@
 """The `iseg` command: the engine's subcommands plus the daemon's.
 
 Daemon commands: run (supervisor), validate-config, capture / worker / publish /
-record (one role each, for split hosts), subscribe, review, calibrate, gen-keys.
+record / console / sinks (one role each, for split hosts), sinks status|resend|test,
+subscribe, review, users, calibrate, gen-keys.
 Every expected failure (bad config, bad model folder, unreachable camera) is one line
 on stderr and exit code 1, never a traceback.
 """
@@ -9,6 +10,7 @@ on stderr and exit code 1, never a traceback.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sqlite3
 import sys
@@ -24,6 +26,13 @@ from engine import EngineError
 
 MAX_STORED_ID = 2**63 - 1
 """SQLite's largest integer: no recording or alert id is larger, and a larger one would overflow the query."""
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
 
 
 def _config(args: argparse.Namespace) -> DaemonConfig:
@@ -85,6 +94,74 @@ def cmd_record(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int
     return run_recorder(config, stop)
 
 
+def cmd_console(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int:
+    from daemon.console.app import run_console
+
+    return run_console(config, stop)
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    import secrets
+
+    from daemon.console.users import UsersError, UsersFile
+
+    config = _config(args)
+    users_path = Path(config.console.users_file).expanduser()
+    users = UsersFile(users_path if users_path.is_absolute() else config.state_path / users_path)
+    try:
+        if args.action == "list":
+            for user in users.listing():
+                print(f"{user['name']:<24} {user['role']:<9} {user['tokens']} token(s)")
+            return 0
+        if not args.name:
+            raise ConfigError(f"users {args.action}: give the user name")
+        if args.action == "add":
+            if args.random_password:
+                password = secrets.token_urlsafe(12)
+            elif args.password_stdin:
+                password = sys.stdin.readline().rstrip("\r\n")
+            else:
+                password = getpass.getpass(f"password for {args.name}: ")
+                if getpass.getpass("again: ") != password:
+                    raise ConfigError("users add: the two passwords differ")
+            users.add(args.name, args.role, password)
+            print(f"user {args.name} ({args.role}) saved in {users.path}")
+            if args.random_password:
+                print(f"  password: {password}")
+        elif args.action == "remove":
+            users.remove(args.name)
+            print(f"user {args.name} removed")
+        else:
+            print(users.new_token(args.name))
+            print(f"bearer token for {args.name} (shown once; send it as 'Authorization: Bearer TOKEN')", file=sys.stderr)
+        return 0
+    except UsersError as err:
+        raise ConfigError(str(err)) from None
+
+
+def cmd_sinks_role(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int:
+    from daemon.sinks.role import run_sinks
+
+    return run_sinks(config, stop)
+
+
+def cmd_sinks(args: argparse.Namespace) -> int:
+    if args.action is None:
+        return _role(cmd_sinks_role)(args)
+    from daemon.sinks import commands
+
+    config = _config(args)
+    if args.action == "status":
+        return commands.print_status(config, args.json)
+    if not args.sink:
+        raise ConfigError(f"sinks {args.action}: give --sink NAME")
+    if args.action == "resend":
+        if args.from_id is None:
+            raise ConfigError("sinks resend: give --from ID (the first alert id to send again)")
+        return commands.resend(config, args.sink, args.from_id)
+    return commands.send_test(config, args.sink)
+
+
 def cmd_subscribe(args: argparse.Namespace) -> int:
     from daemon.role import StopFlag
     from daemon.subscribe import run_subscribe
@@ -114,6 +191,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_review(args: argparse.Namespace) -> int:
     from daemon.recorder import RecordingStore
+    from daemon.review import VERDICTS, NotFound, ReviewError, ReviewLog, mark_verdict
 
     config = _config(args)
     if args.id is not None and not 1 <= args.id <= MAX_STORED_ID:
@@ -144,10 +222,15 @@ def cmd_review(args: argparse.Namespace) -> int:
             print(json.dumps(record, indent=2))
             return 0
         if args.verdict is None:
-            raise ConfigError("review mark: give the verdict: confirmed or false-alarm")
-        if not store.mark(args.id, args.verdict):
-            raise ConfigError(f"review mark: no recording {args.id}")
-        print(f"recording {args.id} marked {args.verdict}")
+            raise ConfigError(f"review mark: give the verdict: {' or '.join(VERDICTS)}")
+        log = ReviewLog(config.state_path)
+        try:
+            change = mark_verdict(store, log, args.id, args.verdict, args.user, args.note)
+        except (NotFound, ReviewError) as err:
+            raise ConfigError(f"review mark: {err}") from None
+        finally:
+            log.close()
+        print(f"recording {args.id} marked {args.verdict} (was {change['old']})")
         return 0
     finally:
         store.close()
@@ -217,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("publish", "run the publisher role").set_defaults(func=_role(cmd_publish))
     with_config("record", "run the recorder role").set_defaults(func=_role(cmd_record))
 
+    # The console reads the running daemon's stores (and writes verdicts through SQLite): it runs beside it, no lock.
+    with_config("console", "run the operator console (web app) on its own").set_defaults(
+        func=_role(cmd_console, owns_state=False))
+
+    users = with_config("users", "manage the console's users: add, list, remove, token")
+    users.add_argument("action", choices=("add", "list", "remove", "token"))
+    users.add_argument("name", nargs="?", help="user name (add, remove, token)")
+    users.add_argument("--role", choices=("viewer", "operator", "admin"), default="viewer", help="for add")
+    users.add_argument("--password-stdin", action="store_true", help="for add: read the password from stdin")
+    users.add_argument("--random-password", action="store_true", help="for add: generate a password and print it")
+    users.set_defaults(func=cmd_users)
+
+    sinks = with_config("sinks", "deliver alerts to MQTT / webhooks / PLCs (the sinks role), or: status, resend, test")
+    sinks.add_argument("action", nargs="?", choices=("status", "resend", "test"),
+                       help="status: cursor, lag, errors, dead letters; resend: from --from ID; test: one marked alert")
+    sinks.add_argument("--sink", help="sink name (resend, test)")
+    sinks.add_argument("--from", dest="from_id", type=int, help="resend: first alert id to send again")
+    sinks.add_argument("--json", action="store_true", help="status as JSON")
+    sinks.set_defaults(func=cmd_sinks)
+
     subscribe = with_config("subscribe", "print published messages as JSON lines")
     subscribe.add_argument("--topic", action="append", help="topic prefix, e.g. alert. or overlay.line1 (repeatable)")
     subscribe.add_argument("--since", type=int, help="first replay stored alerts with id greater than this")
@@ -227,10 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     review = with_config("review", "list, show and mark recorded frames")
     review.add_argument("action", choices=("list", "show", "mark"))
     review.add_argument("id", nargs="?", type=int, help="recording id (show, mark)")
-    review.add_argument("verdict", nargs="?", choices=("confirmed", "false-alarm"), help="for mark")
+    review.add_argument("verdict", nargs="?", choices=("confirmed", "false-alarm", "unsure"), help="for mark")
+    review.add_argument("--note", default="", help="for mark: why (kept in the audit trail)")
+    review.add_argument("--user", default=_login_name(), help="for mark: who decided (default: your login name)")
     review.add_argument("--limit", type=int, default=50)
     review.add_argument("--camera")
-    review.add_argument("--status", choices=("unreviewed", "confirmed", "false-alarm"))
+    review.add_argument("--status", choices=("unreviewed", "confirmed", "false-alarm", "unsure"))
     review.set_defaults(func=cmd_review)
 
     calibrate = with_config("calibrate", "learn per-class thresholds from known-good frames, or take them from "
@@ -244,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(0.01; the eval has 0.01 and 0.05)")
     calibrate.add_argument("--category", help="with --from-eval: the eval's category (needed when it has several)")
     calibrate.set_defaults(func=cmd_calibrate)
+
+    import daemon.linestats.cli
+
+    daemon.linestats.cli.register(sub)
 
     keys = sub.add_parser("gen-keys", help="write CurveZMQ server and client key pairs")
     keys.add_argument("dir")

@@ -23,6 +23,9 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
                       StrictStr, TypeAdapter, ValidationError, WithJsonSchema, field_validator, model_validator)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from daemon.console.config import ConsoleConfig
+from daemon.sinks.config import MAX_SINKS, SinkConfig, SinkConfigError, check_sinks, sink_models
+from daemon.linestats.config import HealthConfig, ShiftConfig, StatsConfig, check_linestats, check_shifts
 from engine import DEFAULT_BG_CONTEXT, DtypeName, EngineError, IsegSettings
 
 MAX_CONFIG_BYTES = 1_000_000
@@ -130,6 +133,9 @@ class SyntheticSource(Section):
     height: Annotated[StrictInt, Field(ge=64, le=4096)] = 240
     defect_every: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 3
     corrupt_every: Annotated[StrictInt, Field(ge=0, le=1_000_000)] = 0
+    fault_cue: Optional[Annotated[Text, Field(min_length=1)]] = None
+    """A file whose content (freeze, blur, dark, or empty for none) switches a camera fault on, for
+    health demos and tests; read at most 4 times a second."""
 
 
 class CameraConfig(Section):
@@ -252,6 +258,7 @@ class RecorderConfig(Section):
     keep_recent_h: Annotated[StrictFloat, Field(ge=0, le=87_600)] = 24.0
     delete_confirmed: StrictBool = False
     jpeg_quality: Annotated[StrictInt, Field(ge=1, le=100)] = 85
+    context_frames: Annotated[StrictInt, Field(ge=0, le=9)] = 2
 
 
 class CalibrationConfig(Section):
@@ -362,9 +369,19 @@ class DaemonConfig(Section):
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     limits: LimitsConfig = LimitsConfig()
+    console: ConsoleConfig = ConsoleConfig()
+    sinks: Annotated[tuple[SinkConfig, ...], Field(max_length=MAX_SINKS)] = ()
+    shifts: Annotated[tuple[ShiftConfig, ...], Field(max_length=24)] = ()
+    stats: StatsConfig = StatsConfig()
+    health: HealthConfig = HealthConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     _path: str = PrivateAttr("")
+
+    @field_validator("sinks", mode="before")
+    @classmethod
+    def _sink_types(cls, value: Any) -> Any:
+        return sink_models(value)
 
     @model_validator(mode="after")
     def _across_sections(self) -> "DaemonConfig":
@@ -384,6 +401,12 @@ class DaemonConfig(Section):
                     raise _rule(f"cameras[{i}].tcp_port", f"{cam.tcp_port} is already used by another camera or "
                                 "sockets.remote.results_port; give each its own port")
                 ports.add(cam.tcp_port)
+        try:
+            check_sinks(self.sinks, [cam.id for cam in self.cameras])
+        except SinkConfigError as err:
+            raise _rule(f"sinks{err.key}", err.text) from None
+        check_shifts(self.shifts)
+        check_linestats(self)
         return self
 
     @property

@@ -50,7 +50,6 @@ MAX_ROI_OFFSET = 1_000_000
 MAX_SERIES = 20_000
 MAX_STATE_KEYS = 64
 REPLAY_KEYS = frozenset({"since", "limit", "camera"})
-SUPERVISED_ROLES = frozenset({"capture", "worker", "publisher", "recorder"})
 LOG_EVERY_S = 10.0
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,199}")
@@ -190,6 +189,7 @@ class Result:
     thresholds: dict[str, float] | None = None
     flagged: tuple[str, ...] = ()
     infer_ms: float | None = None
+    model: str = ""
     frame: np.ndarray | None = None
     labels: np.ndarray | None = None
     frame_spec: dict[str, Any] | None = None
@@ -203,6 +203,31 @@ class Flagged:
     frame: np.ndarray
     mask_png: bytes
     overlay_jpeg: bytes
+
+
+@dataclass(frozen=True)
+class Picture:
+    """An `overlay.<camera>` (JPEG) or `mask.<camera>` (label PNG) message from the publisher."""
+
+    kind: str
+    camera: str
+    seq: int
+    capture_ts: float
+    flagged: tuple[str, ...]
+    presence: dict[str, float]
+    thresholds: dict[str, float]
+    image: bytes
+
+
+@dataclass(frozen=True)
+class SelfTest:
+    """A `selftest` message from a worker: the outcome of its golden-sample self-test."""
+
+    worker: str
+    camera: str
+    ok: bool
+    detail: str
+    ts: float
 
 
 @dataclass(frozen=True)
@@ -281,9 +306,22 @@ class Boundary:
             raise Rejected("shape", f"labels {list(labels_shape)} do not match frame {list(frame_shape)}")
         return Result(ok=True, classes=classes, presence=presence, thresholds=thresholds, flagged=tuple(flagged),
                       infer_ms=None if infer is None else _float(infer, 0.0, 1e9, "infer_ms"),
+                      model=_str(h.get("model") or "", MAX_NAME, "model"),
                       frame=np.frombuffer(payloads[0], dtype=np.uint8).reshape(frame_shape),
                       labels=np.frombuffer(payloads[1], dtype=np.uint8).reshape(labels_shape),
                       frame_spec={"shape": list(frame_shape), "dtype": "uint8"}, **common)
+
+    def self_test(self, frames: Sequence[Any]) -> SelfTest:
+        """`[selftest, header]` from a worker: worker, a configured camera, ok, detail text, ts."""
+        topic, h, _ = _parts(frames, (2,), MAX_HEADER_BYTES)
+        if topic != "selftest":
+            raise Rejected("topic", f"topic {topic[:60]!r} is not 'selftest'")
+        ok = _field(h, "ok", "selftest")
+        if type(ok) is not bool:
+            raise Rejected("type", "ok must be true or false")
+        return SelfTest(_str(_field(h, "worker", "selftest"), MAX_NAME, "worker"),
+                        self._camera(_field(h, "camera", "selftest")), ok,
+                        _str(h.get("detail") or "", MAX_ERROR_TEXT, "detail"), _ts(_field(h, "ts", "selftest"), "ts"))
 
     @staticmethod
     def _per_class(value: Any, classes: tuple[str, ...], what: str) -> dict[str, float]:
@@ -320,6 +358,30 @@ class Boundary:
         shape = _array_spec(_field(h, "frame", "flagged frame"), payloads[0], 3, "frame", self.max_pixels)
         return Flagged(meta, np.frombuffer(payloads[0], dtype=np.uint8).reshape(shape), bytes(payloads[1]),
                        bytes(payloads[2]))
+
+    def picture(self, frames: Sequence[Any]) -> Picture:
+        """`[overlay.<camera>|mask.<camera>, header, image]` from the publisher (console, recorder)."""
+        topic, h, payloads = _parts(frames, (3,), MAX_HEADER_BYTES)
+        kind, _, named = topic.partition(".")
+        camera = self._camera(_field(h, "camera", "picture"))
+        if kind not in ("overlay", "mask") or named != camera:
+            raise Rejected("topic", f"topic {topic[:60]!r} is not overlay.{camera} or mask.{camera}")
+        classes = self.classes[camera]
+        flagged = h.get("flagged") or []
+        if type(flagged) is not list or any(type(f) is not str or f not in classes for f in flagged):
+            raise Rejected("class", f"flagged must list classes of camera {camera}")
+        scores = {}
+        for key in ("presence", "thresholds"):
+            value = h.get(key) or {}
+            if type(value) is not dict or any(k not in classes for k in value):
+                raise Rejected("class", f"{key} must map this camera's classes to scores")
+            scores[key] = {k: _float(v, 0.0, 1.0, f"{key}.{k}") for k, v in value.items()}
+        if len(payloads[0]) > 3 * self.max_pixels:
+            raise Rejected("size", f"{kind} image of {len(payloads[0])} bytes is more than raw RGB at "
+                                   "limits.max_image_pixels")
+        return Picture(kind, camera, _int(_field(h, "seq", "picture"), 0, MAX_SEQ, "seq"),
+                       _ts(_field(h, "capture_ts", "picture"), "capture_ts"), tuple(flagged), scores["presence"],
+                       scores["thresholds"], bytes(payloads[0]))
 
     def replay(self, frames: Sequence[Any]) -> ReplayRequest:
         """One JSON object in one part: since >= 0, 1 <= limit <= 10000, camera null or configured."""

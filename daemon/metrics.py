@@ -51,6 +51,11 @@ HELP = {
     "iseg_alerts_unstored_total": "Alerts published but never stored (memory hold was full).",
     "iseg_publisher_state_errors_total": "Failed saves of the publisher's restart state (cooldowns, sequences).",
     "iseg_role_degraded": "1 while a role runs but cannot do its job (e.g. disk full); its reason is in /stats.",
+    "iseg_camera_health_state": "1 for the camera's current health state (ok, frozen, defocus, exposure, "
+                                "presence_drift, unreliable), 0 for the others.",
+    "iseg_worker_self_tests_total": "Golden-sample self-tests run by a worker, by result (pass, fail).",
+    "iseg_publisher_linestats_dropped_frames_total": "Frames left out of the summary store because its writer "
+                                                     "fell behind.",
     "iseg_role_up": "1 while the role's process runs, its heartbeat is fresh and it is not degraded.",
     "iseg_role_restarts_total": "Times the supervisor restarted a role.",
     "iseg_sink_state": "1 for the sink's current state (ok, degraded or down), 0 for the others.",
@@ -58,6 +63,17 @@ HELP = {
     "iseg_sink_retries_total": "Delivery attempts a sink retried.",
     "iseg_sink_failures_total": "Delivery attempts that failed.",
     "iseg_sink_lag_seconds": "Age of the oldest alert a sink has not delivered yet (0 when caught up).",
+    "iseg_console_requests_total": "HTTP requests the console answered, by status code.",
+    "iseg_console_request_seconds": "Seconds the console took per request (live streams and events excluded).",
+    "iseg_console_logins_total": "Console login attempts, by result (ok, failed, limited).",
+    "iseg_console_live_viewers": "Live MJPEG streams open on the console.",
+    "iseg_console_event_clients": "Server-sent event streams open on the console.",
+    "iseg_console_frames_received_total": "Overlays the console received from the publisher (it keeps the newest).",
+    "iseg_console_live_frames_sent_total": "Overlays the console sent to live viewers.",
+    "iseg_console_alerts_pushed_total": "Alerts the console pushed to its event streams.",
+    "iseg_console_acks_total": "Alerts acknowledged in the console.",
+    "iseg_console_verdicts_total": "Recording verdicts made in the console, by verdict.",
+    "iseg_sink_dead_letters": "Alerts a receiver refused for good, kept for `iseg sinks resend`.",
 }
 
 

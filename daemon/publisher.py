@@ -19,6 +19,7 @@ import zmq
 
 from daemon.alerts import AlertStore, Debouncer
 from daemon.config import DaemonConfig
+from daemon.linestats.tap import LineTap
 from daemon.messages import Boundary, Rejected, Rejections, Result
 from daemon.metrics import Registry
 from daemon.publisher_state import PublisherState
@@ -100,6 +101,7 @@ class Publisher:
                 metrics.inc(series, 0, camera=camera.id)
             for name in camera.classes:
                 metrics.inc("iseg_alerts_total", 0, camera=camera.id, **{"class": name})
+        self.tap = LineTap(config, metrics, log)
 
     def handle(self, result: Result, pub: zmq.Socket) -> None:
         """One checked worker result → overlay, mask, maybe alert and flagged-frame messages."""
@@ -125,10 +127,13 @@ class Publisher:
         published_ts = now()
         latency_ms = (published_ts - result.ts) * 1000
         base = {"camera": camera, "seq": seq, "capture_ts": result.ts, "published_ts": published_ts,
-                "latency_ms": latency_ms, "worker": result.worker, "infer_ms": result.infer_ms}
+                "latency_ms": latency_ms, "worker": result.worker, "infer_ms": result.infer_ms, "model": result.model}
         alert_ids = []
-        for name in self.debouncer.update(camera, classes, flagged, result.ts):
-            alert = {**base, "class": name, "classes": {
+        firing = self.debouncer.update(camera, classes, flagged, result.ts)
+        self.tap.observe(camera, result.ts, presence, flagged, {c: info[c]["area_frac"] for c in classes}, firing,
+                         frame, result.worker)
+        for name in firing:
+            alert = {**base, "kind": "defect", "class": name, "classes": {
                 c: {"presence": presence[c], "threshold": thresholds[c], **info[c]} for c in flagged},
                 "frame_shape": list(frame.shape), "roi": roi}
             self.store.add(alert)
@@ -138,7 +143,7 @@ class Publisher:
             self.log.info("ALERT %d camera %s class %s presence %.3f > %.3f (frame %d, %.0f ms after capture)",
                           alert["id"], camera, name, presence[name], thresholds[name], seq, latency_ms)
         self.save_state()
-        common = {**base, "flagged": flagged, "presence": presence}
+        common = {**base, "flagged": flagged, "presence": presence, "thresholds": thresholds}
         send(pub, f"overlay.{camera}", {**common, "format": "jpeg"}, [overlay])
         send(pub, f"mask.{camera}", {**common, "format": "png", "classes": classes}, [mask_png])
         if flagged:
@@ -249,7 +254,11 @@ def run_publisher(config: DaemonConfig, stop: StopFlag) -> int:
                 rep.send(publisher.replay(rep.recv_multipart(copy=False)))
             if pull in events:
                 try:
-                    publisher.handle(publisher.boundary.result(pull.recv_multipart(copy=False)), pub)
+                    frames = pull.recv_multipart(copy=False)
+                    if frames and bytes(frames[0].buffer if isinstance(frames[0], zmq.Frame) else frames[0]) == b"selftest":
+                        publisher.tap.self_test(publisher.boundary.self_test(frames))
+                    else:
+                        publisher.handle(publisher.boundary.result(frames), pub)
                 except Rejected as err:
                     publisher.rejections.count("results", err)
                 except Exception as err:  # noqa: BLE001 (a result that passed its schema yet fails is skipped, never fatal)
@@ -258,6 +267,7 @@ def run_publisher(config: DaemonConfig, stop: StopFlag) -> int:
                     heartbeat.update(first_frame=True, first_frame_at=publisher.first_frame_at, published=publisher.published)
             elif draining and not events:
                 break
+            publisher.tap.tick(lambda topic, body: send(pub, topic, body), publisher.store.add)
             if time.monotonic() >= next_stats:
                 degraded = publisher.maintain()
                 if degraded != heartbeat.state.get("degraded", ""):
@@ -267,6 +277,7 @@ def run_publisher(config: DaemonConfig, stop: StopFlag) -> int:
         log.info("publisher stopped after %d frames (%s)", publisher.published, stop.signal_name or "done")
     finally:
         publisher.maintain()
+        publisher.tap.close()
         publisher.store.close()
         publisher.save_state()
         publisher.state.close()

@@ -33,15 +33,16 @@ import zmq
 
 from daemon.config import DaemonConfig
 from daemon.database import open_database
-from daemon.messages import Boundary, Flagged, Rejected, Rejections
+from daemon.messages import Boundary, Flagged, Picture, Rejected, Rejections
 from daemon.metrics import Registry
+from daemon.recording_context import ContextFrames, config_version
 from daemon.render import encode_png
 from daemon.role import Heartbeat, StopFlag
 
-STATUSES = ("unreviewed", "confirmed", "false-alarm")
+STATUSES = ("unreviewed", "confirmed", "false-alarm", "unsure")
 FILES = ("original.png", "mask.png", "overlay.jpg", "meta.json")
-DELETION_ORDER = ("unreviewed", "false-alarm", "confirmed")
-"""Which recordings free disk first: evidence an operator judged goes last (confirmed only if allowed)."""
+DELETION_ORDER = ("unreviewed", "false-alarm", "unsure", "confirmed")
+"""Which recordings free disk first: evidence an operator judged goes last (unsure and confirmed only if allowed)."""
 FOLDER_CHECK_S = 2.0
 OPEN_RETRY_S = 2.0
 
@@ -237,6 +238,10 @@ class RecordingStore:
                                      (status, time.time(), recording_id))
         return cursor.rowcount == 1
 
+    def path_of(self, recording_id: int) -> str:
+        """A recording's folder relative to the recordings root."""
+        return self.db.execute("SELECT path FROM recordings WHERE id = ?", (recording_id,)).fetchone()[0]
+
     def count(self) -> int:
         """Number of indexed recordings."""
         return int(self.db.execute("SELECT COUNT(*) FROM recordings").fetchone()[0])
@@ -254,6 +259,8 @@ class Recorder:
         self.store = store
         self.metrics = metrics
         self.log = log
+        self.context = ContextFrames(config.recorder.context_frames, config.recorder.context_frames, config.alerts.n)
+        self.config_version = config_version(config.path)
         self.last_flag: dict[str, tuple[str, int]] = {}
         self.last_full_log = 0.0
         self.degraded = ""
@@ -288,7 +295,9 @@ class Recorder:
         camera = h["camera"]
         self._count_missed(camera, h["publisher_session"], h["flag_seq"])
         files = {"original.png": encode_png(flagged.frame, rgb=True), "mask.png": flagged.mask_png,
-                 "overlay.jpg": flagged.overlay_jpeg}
+                 "overlay.jpg": flagged.overlay_jpeg, **self.context.before_files(camera, h["seq"])}
+        h = {**h, "window": self.context.window(camera, h["seq"], self.config.alerts.k),
+             "config_version": self.config_version}
         needed_mb = sum(len(d) for d in files.values()) / 1e6
         cfg = self.config.recorder
         try:
@@ -317,10 +326,16 @@ class Recorder:
             self._failed(f"recording index update for {camera}/{h['seq']} failed: {err}")
             return None
         self.metrics.inc("iseg_recorder_frames_total", camera=camera)
+        self.context.expect_after(camera, h["seq"], self.store.root / self.store.path_of(recording_id))
         if self.degraded:
             self.log.info("recording again (was: %s)", self.degraded)
             self.degraded = ""
         return recording_id
+
+    def overlay(self, picture: Picture) -> None:
+        """A published overlay: kept as context for the flagged frames around it."""
+        self.context.overlay({"camera": picture.camera, "seq": picture.seq, "flagged": list(picture.flagged)},
+                             picture.image)
 
     def _count_missed(self, camera: str, session: str, flag_seq: int) -> None:
         """Flagged frames the PUB socket dropped before we read them (we were too slow)."""
@@ -386,6 +401,7 @@ def run_recorder(config: DaemonConfig, stop: StopFlag) -> int:
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, 1000)
     sub.setsockopt(zmq.SUBSCRIBE, b"flagged.")
+    sub.setsockopt(zmq.SUBSCRIBE, b"overlay.")
     sub.connect(config.endpoint("publish"))
     log.info("recording flagged frames under %s (retention %g days, min free %g MB, last %gh always kept, "
              "confirmed %s)", store.root, config.recorder.retention_days, config.recorder.min_free_mb,
@@ -409,13 +425,18 @@ def run_recorder(config: DaemonConfig, stop: StopFlag) -> int:
                 heartbeat.update(degraded=recorder.degraded)
             if not sub.poll(200):
                 continue
+            frames = sub.recv_multipart(copy=False)
+            kind = "overlay" if bytes(frames[0].buffer[:8]) == b"overlay." else "flagged"
             try:
-                recorder.handle(boundary.flagged(sub.recv_multipart(copy=False)))
+                if kind == "overlay":
+                    recorder.overlay(boundary.picture(frames))
+                    continue
+                recorder.handle(boundary.flagged(frames))
                 heartbeat.update(recordings=store.count(), degraded=recorder.degraded)
             except Rejected as err:
-                rejections.count("flagged", err)
+                rejections.count(kind, err)
             except Exception as err:  # noqa: BLE001 (one bad recording never stops the recorder)
-                rejections.internal("flagged", err)
+                rejections.internal(kind, err)
         log.info("recorder stopped (%s)", stop.signal_name or "done")
     finally:
         heartbeat.stop()

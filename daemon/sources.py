@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import cv2
@@ -46,7 +47,11 @@ class SyntheticSource(FrameSource):
     """Parts (discs and plates) moving across a brushed-metal belt; every `defect_every`-th
     part carries a scratch or a dent. Frame i depends only on (seed, i), so tests and
     demos are repeatable. `corrupt_every` > 0 makes every n-th frame pure noise with a
-    wrong size, to exercise the pipeline's handling of odd frames."""
+    wrong size, to exercise the pipeline's handling of odd frames. `fault_cue` names a file whose
+    content turns on a camera fault (freeze, blur, dark), so health checks can be shown and tested."""
+
+    FAULTS = ("freeze", "blur", "dark")
+    CUE_EVERY_S = 0.25
 
     def __init__(self, camera: CameraConfig) -> None:
         spec = camera.synthetic
@@ -54,6 +59,10 @@ class SyntheticSource(FrameSource):
         self.seed = spec.seed
         self.defect_every = spec.defect_every
         self.corrupt_every = spec.corrupt_every
+        self.cue = Path(spec.fault_cue) if spec.fault_cue else None
+        self.fault = ""
+        self.cue_checked = 0.0
+        self.last: np.ndarray | None = None
         self.index = 0
         rng = np.random.default_rng(spec.seed)
         grain = rng.normal(0, 6, (self.height, 1)).astype(np.float32)
@@ -67,7 +76,30 @@ class SyntheticSource(FrameSource):
         if self.corrupt_every and i % self.corrupt_every == self.corrupt_every - 1:
             rng = np.random.default_rng((self.seed, i))
             return rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        return self.frame(i)
+        fault = self._fault()
+        if fault == "freeze" and self.last is not None:
+            return self.last.copy()
+        frame = self.frame(i)
+        if fault == "blur":
+            frame = cv2.GaussianBlur(frame, (0, 0), 4)
+        elif fault == "dark":
+            frame = (frame // 4).astype(np.uint8)
+        self.last = frame
+        return frame
+
+    def _fault(self) -> str:
+        """The fault named in the cue file ('' when none, unreadable or unknown)."""
+        if self.cue is None:
+            return ""
+        now = time.monotonic()
+        if now - self.cue_checked >= self.CUE_EVERY_S:
+            self.cue_checked = now
+            try:
+                text = self.cue.read_text(errors="replace").strip().lower()[:16]
+            except OSError:
+                text = ""
+            self.fault = text if text in self.FAULTS else ""
+        return self.fault
 
     def frame(self, i: int) -> np.ndarray:
         """Frame number i (deterministic)."""

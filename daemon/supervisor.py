@@ -37,15 +37,17 @@ import zmq
 
 from daemon.config import DaemonConfig
 from daemon.health import HealthServer, json_body
+from daemon.linestats import api as linestats_api
 from daemon.messages import MAX_HEARTBEAT_BYTES, Rejected, Rejections, heartbeat
 from daemon.metrics import Registry, merge, parse_labels, quantile_from_histogram, render_prometheus
 from daemon.model_setup import ensure_model
 from daemon.role import EX_CONFIG, StopFlag
 from daemon.sdnotify import Notifier
+from daemon.sinks.status import sink_stats
 from daemon.state_lock import ENV_FD, acquire
 
-STOP_ORDER = ("capture", "worker", "publisher", "recorder")
-START_ORDER = ("publisher", "recorder", "worker", "capture")
+STOP_ORDER = ("capture", "worker", "publisher", "recorder", "console", "sinks")
+START_ORDER = ("publisher", "recorder", "console", "sinks", "worker", "capture")
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -102,6 +104,10 @@ class Supervisor:
         self.roles: list[RoleProcess] = [RoleProcess("publisher", "publisher", base + ["publish"] + config_arg)]
         if config.recorder.enabled:
             self.roles.append(RoleProcess("recorder", "recorder", base + ["record"] + config_arg))
+        if config.console.enabled:
+            self.roles.append(RoleProcess("console", "console", base + ["console"] + config_arg))
+        if config.sinks:
+            self.roles.append(RoleProcess("sinks", "sinks", base + ["sinks"] + config_arg))
         for i in range(config.worker.count):
             self.roles.append(RoleProcess(f"worker.{i}", "worker", base + ["worker", "--name", f"worker.{i}"] + config_arg))
         for camera in config.cameras:
@@ -314,15 +320,20 @@ class Supervisor:
                                 "heartbeat_age_s": round(now - role.heard_at, 2) if role.heard_at else None,
                                 "busy_since": hb.get("busy_since"), "state": hb.get("state", {}),
                                 "rejected": rejected.get(role.name, {})}
+        sinks = sink_stats(merged, [r.heartbeat for r in self.roles if r.role == "sinks"], self.config.sinks)
         return {"ready": self.ready, "failed": self.failed, "state_dir": str(self.config.state_path),
-                "roles": roles, "cameras": cameras, "supervisor": {"rejected": rejected.get("supervisor", {})}, "ts": now}
+                "roles": roles, "cameras": cameras, "sinks": sinks,
+                "health": linestats_api.health(self.config, now)["cameras"],
+                "supervisor": {"rejected": rejected.get("supervisor", {})}, "ts": now}
 
     def respond(self, path: str) -> tuple[int, str, bytes]:
         """Answer one HTTP path."""
         now = time.time()
         if path == "/healthz":
             healthy = not self.failed and (self.phase != "running" or now - self.last_loop < 5.0)
-            return json_body(200 if healthy else 503, {"healthy": healthy, "phase": self.phase, "failed": self.failed})
+            sinks = {name: info["state"] for name, info in self.stats()["sinks"].items()}
+            return json_body(200 if healthy else 503, {"healthy": healthy, "phase": self.phase, "failed": self.failed,
+                                                       "sinks": sinks})
         if path == "/readyz":
             stale = [r.name for r in self.roles if not self._fresh(r, now)]
             ok = self.ready and not stale and not self.failed
@@ -345,6 +356,8 @@ class Supervisor:
                  f"  publish:   {c.endpoint('publish')}   (topics overlay.<camera> mask.<camera> alert.<camera> stats)",
                  f"  replay:    {c.endpoint('replay')}",
                  *(f"  frames:    {c.endpoint('frames', cam.id)}   (camera {cam.id}: {cam.source_kind})" for cam in c.cameras),
+                 *([f"  console:   {'https' if c.console.tls else 'http'}://{c.console.listen}/   "
+                    f"(users: iseg users add NAME --role operator --config {c.path})"] if c.console.enabled else []),
                  f"  state dir: {c.state_path}",
                  f"  watch alerts:  iseg subscribe --config {c.path} --topic alert.",
                  f"  review frames: iseg review list --config {c.path}"]

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import zmq
 
-from daemon.calibration import thresholds_for
 from daemon.config import DaemonConfig
+from daemon.linestats import selftest
+from daemon.linestats.overrides import OverrideWatcher, effective_thresholds
 from daemon.messages import Boundary, Rejected, Rejections
 from daemon.metrics import Registry
 from daemon.model_setup import load_segmenter
@@ -82,16 +83,49 @@ class Worker:
         self.log = log
         self.boundary = Boundary.from_config(config)
         self.rejections = Rejections(metrics, name, log)
-        self.thresholds = {}
+        self.thresholds: dict[str, dict[str, float]] = {}
         metrics.inc("iseg_worker_batches_total", 0, worker=name)
         for camera in config.cameras:
             for series in ("iseg_worker_frames_total", "iseg_worker_failed_frames_total",
                            "iseg_worker_unsent_results_total"):
                 metrics.inc(series, 0, worker=name, camera=camera.id)
-            chosen = thresholds_for(config, camera)
-            self.thresholds[camera.id] = {name: value for name, (value, _) in chosen.items()}
-            log.info("camera %s thresholds: %s", camera.id,
-                     ", ".join(f"{n}={v:.3f} ({src})" for n, (v, src) in chosen.items()))
+        for result in ("pass", "fail"):
+            metrics.inc("iseg_worker_self_tests_total", 0, worker=name, result=result)
+        self.watcher = OverrideWatcher(config.state_path)
+        self.load_thresholds()
+        self.golden = selftest.load_golden(config)
+        self.next_self_test = time.monotonic()
+
+    def load_thresholds(self) -> None:
+        """Thresholds in force: live overrides from the state dir, else config, calibration, default."""
+        for camera in self.config.cameras:
+            chosen = effective_thresholds(self.config, camera)
+            values = {name: value for name, (value, _) in chosen.items()}
+            if values != self.thresholds.get(camera.id):
+                self.thresholds[camera.id] = values
+                self.log.info("camera %s thresholds: %s", camera.id,
+                              ", ".join(f"{n}={v:.3f} ({src})" for n, (v, src) in chosen.items()))
+
+    def self_test(self, push: zmq.Socket) -> None:
+        """Run the golden images through the batch path when due and report the outcome to the publisher."""
+        if self.golden is None or time.monotonic() < self.next_self_test:
+            return
+        self.next_self_test = time.monotonic() + self.config.health.self_test_s
+        golden = self.golden
+        header = {"camera": golden.camera, "seq": 0, "ts": now(), "session": "selftest", "roi": [0, 0]}
+        outcomes = self.run_batch([PendingFrame(header, golden.defect), PendingFrame(dict(header), golden.good)])
+        thresholds = self.thresholds[golden.camera]
+        if any(result is None for _, result, _ in outcomes):
+            passed, detail = False, "golden images failed to segment: " + outcomes[0][2] + outcomes[1][2]
+        else:
+            scores = [{n: float(s) for n, s in zip(result.classes, result.presence)} for _, result, _ in outcomes]
+            passed, detail = selftest.judge(golden, scores[0], scores[1], thresholds)
+        self.metrics.inc("iseg_worker_self_tests_total", worker=self.name, result="pass" if passed else "fail")
+        (self.log.info if passed else self.log.error)("self-test %s: %s", "passed" if passed else "FAILED", detail)
+        try:
+            send(push, "selftest", selftest.message(self.name, golden, passed, detail))
+        except zmq.Again:
+            self.log.error("publisher not taking results; self-test outcome lost")
 
     def decode(self, frames: list[Any]) -> PendingFrame:
         """Check a raw frame message against its schema (Rejected when it fails)."""
@@ -159,6 +193,7 @@ class Worker:
         """Header and payloads of one result for the publisher."""
         header = {key: pending.header.get(key) for key in ("camera", "seq", "ts", "session", "roi")}
         header["worker"] = self.name
+        header["model"] = self.segmenter.fingerprint
         header["done_ts"] = now()
         if result is None:
             header.update(ok=False, error=error)
@@ -197,6 +232,10 @@ class Worker:
             draining = stop.stopping
             if draining and drain_until is None:
                 drain_until = time.monotonic() + DRAIN_MAX_S
+            if self.watcher.changed():
+                self.load_thresholds()
+            if not draining:
+                self.self_test(push)
             batch = self.collect(pull, stop, draining)
             if batch:
                 self.handle(batch, push)
@@ -217,10 +256,10 @@ def run_worker(config: DaemonConfig, stop: StopFlag, name: str = "worker.0", rem
     try:
         try:
             segmenter, class_sets = load_segmenter(config, log)
-        except (ModelLoadError, SettingsError, InputError) as err:
+            worker = Worker(config, name, segmenter, class_sets, metrics, heartbeat, log)
+        except (ModelLoadError, SettingsError, InputError, selftest.SelfTestError) as err:
             log.critical("worker %s cannot start with this configuration: %s", name, err)
             return EX_CONFIG
-        worker = Worker(config, name, segmenter, class_sets, metrics, heartbeat, log)
         pull, push, endpoints = connect_sockets(ctx, config, remote)
         log.info("worker %s (pid %d) ready: batch %d, max wait %.0f ms, on %s", name, os.getpid(),
                  config.worker.batch_size, config.worker.max_wait_ms, ", ".join(endpoints))

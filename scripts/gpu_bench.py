@@ -52,7 +52,7 @@ from bench_report import Report, alarm_deferred, now  # noqa: E402
 
 STAGES = ("first", "second")
 JSON_NAMES = {"first": "gpu_bench.json", "second": "gpu_bench_second.json"}
-NEEDED = ("torch", "numpy", "diffusers", "transformers", "safetensors", "zmq", "yaml", "cv2")
+NEEDED = ("torch", "numpy", "diffusers", "transformers", "safetensors", "zmq", "yaml", "cv2", "pydantic")
 """Top-level modules the engine and the daemon's pipeline roles cannot run without."""
 DISTRIBUTIONS = ("torch", "numpy", "diffusers", "transformers", "huggingface_hub", "safetensors", "tokenizers",
                  "pyzmq", "PyYAML", "opencv-python-headless", "onnx", "onnxruntime", "onnxruntime-gpu", "pytest",
@@ -549,6 +549,7 @@ def daemon_config(workdir: Path, plan: Plan, model_dir: Path) -> Path:
     doc["engine"]["settings"]["size"] = plan.size
     doc["worker"].update(batch_size=plan.daemon_batch, max_wait_ms=20)
     doc["metrics"]["listen"] = f"127.0.0.1:{free_port()}"
+    doc["console"] = {"enabled": False}  # the line's throughput, not the web app's (starlette is not on the GPU image)
     template = doc["cameras"][0]
     width, height = plan.camera_wh
     doc["cameras"] = [dict(template, id=f"belt{index + 1}", fps=plan.camera_fps,

@@ -13,7 +13,9 @@ PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 fi
-WHEELS=("diffusers==0.42.1" "pyzmq==27.1.0" "importlib_metadata==8.7.0")
+# pydantic and its helpers: the daemon's config is pydantic models (the GPU image has none).
+WHEELS=("diffusers==0.42.1" "pyzmq==27.1.0" "importlib_metadata==8.7.0" "pydantic==2.14.4" "pydantic_core==2.50.5"
+        "annotated-types==0.8.0" "typing-inspection==0.4.5" "typing_extensions==4.16.0")
 LIMIT_MB=48  # of the 64 MiB a device call carries, leave room for the working tree
 
 rm -rf .whl

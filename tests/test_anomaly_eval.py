@@ -10,8 +10,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from daemon.calibration import calibrate_from_eval, thresholds_for
+from daemon.calibration import calibrate_from_eval
 from daemon.config import ConfigError, load_config
+from daemon.linestats.overrides import effective_thresholds
 from engine.results import SegmentResult
 from engine.settings import IsegSettings
 from engine.tools.anomaly_data import read_mvtec, read_visa, default_classes
@@ -245,8 +246,8 @@ def test_iseg_eval_mvtec_writes_every_key_and_calibrate_takes_its_threshold(tiny
                           "--from-eval", str(result_path), "--fpr", "0.01", cache_dir=tmp_path / "c")
     assert calibrated.returncode == 0, calibrated.stderr
     config = load_config(str(config_path))
-    chosen = thresholds_for(config, config.camera("belt1"))
-    expected = (point["threshold"], "calibration")
+    chosen = effective_thresholds(config, config.camera("belt1"))
+    expected = (point["threshold"], "override")
     assert chosen == {"broken edge": expected, "scratch": expected}
 
 
@@ -264,7 +265,7 @@ def test_calibrate_from_eval_refuses_what_it_cannot_use(tmp_path):
     with pytest.raises(ConfigError, match="--fpr 0.02: .* no operating point there for a .*it has: 0.01"):
         calibrate_from_eval(config, "belt1", result, 0.02, "a", report=lambda _: None)
     calibrate_from_eval(config, "belt1", result, 0.01, "b", report=lambda _: None)
-    assert {value for value, _ in thresholds_for(config, config.camera("belt1")).values()} == {0.4}
+    assert set(effective_thresholds(config, config.camera("belt1")).values()) == {(0.4, "override")}
 
 
 def test_iseg_eval_names_a_wrong_layout_in_one_line(tmp_path):

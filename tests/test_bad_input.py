@@ -1,7 +1,6 @@
 """Bad models, bad images and bad class lists: clear one-line errors, and the rest goes on."""
 
 import argparse
-import json
 import shutil
 import time
 

@@ -22,7 +22,11 @@ from engine.tools.samples import sample_paths
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
-SETTINGS = IsegSettings(size=256)
+SETTINGS = IsegSettings(size=256, cluster=False)
+"""Graph-vs-eager parity without clustering: a padded batch runs other GEMM kernels, and a
+1e-6 difference may tip a float16 k-means near-tie and move a map locally by ~0.05. The
+clustered path is checked for run-to-run determinism on its own (below)."""
+CLUSTERED = IsegSettings(size=256)
 CLASSES = ClassSet(("scratch", "dent"), "metal surface, background")
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3}
 MIN_LABEL_AGREEMENT = 0.999
@@ -85,6 +89,15 @@ def test_cuda_graphs_equal_eager_on_the_gpu(tiny_sd21, tmp_path, frames, dtype):
             assert diff < tolerance, f"{dtype} batch {len(chunk)}: graphs differ from eager by {diff:.2e}"
             assert agreement >= MIN_LABEL_AGREEMENT, f"{dtype} batch {len(chunk)}: label agreement {agreement:.4f}"
     assert graphed.torch_backend.captured_sizes == [1, 2, 4]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_clustered_eager_is_deterministic_on_the_gpu(tiny_sd21, tmp_path, frames, dtype):
+    """k-means sums are one-hot matmuls, not atomics: the same frames give the same labels and maps."""
+    with ieee_float32():
+        eager = Segmenter.load(tiny_sd21, device="cuda", dtype=dtype, settings=CLUSTERED, cache_dir=tmp_path)
+        for chunk in ([frames[0]], frames):
+            assert_deterministic(eager, chunk, 0.0)
 
 
 def test_float32_is_exact_inside_ieee_float32():

@@ -87,15 +87,24 @@ def test_captured_maps_match_the_torch_backend(pair, frames):
         assert (maps[group] - reference[group]).abs().max().item() < 1e-4, group
 
 
-def test_label_masks_match_the_torch_backend(pair, frames):
+def test_label_masks_match_the_torch_backend(pair, frames, export, tmp_path):
+    # With clustering on (the default) the ~1e-6 attention differences between the backends can
+    # tip a k-means near-tie in the authors' float16 distance, which moves a few pixels to another
+    # cluster and shifts the maps locally: labels must still agree, and the maps on average.
     torch_segmenter, onnx_segmenter = pair
     expected = torch_segmenter.segment(frames, CLASSES)
     results = onnx_segmenter.segment(frames, CLASSES)
     same = np.mean(np.concatenate([(a.labels == b.labels).ravel() for a, b in zip(expected, results)]))
     assert same >= 0.999
     for a, b in zip(expected, results):
-        assert np.abs(a.maps - b.maps).max() < 1e-3
+        assert np.abs(a.maps - b.maps).mean() < 1e-3
         assert np.allclose(a.presence, b.presence, atol=1e-5)
+    # Without clustering nothing rounds to half, and every map value agrees.
+    plain = SMALL.replace(cluster=False)
+    torch_plain = Segmenter(torch_segmenter.model, plain, tmp_path)
+    onnx_plain = Segmenter(onnx_segmenter.model, plain, tmp_path, backend=onnx_backend_factory(export[0]))
+    for a, b in zip(torch_plain.segment(frames, CLASSES), onnx_plain.segment(frames, CLASSES)):
+        assert np.abs(a.maps - b.maps).max() < 1e-3
 
 
 def test_batch_of_three_equals_three_single_runs(pair, frames):

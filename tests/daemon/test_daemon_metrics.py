@@ -73,11 +73,12 @@ ABBREVIATIONS = {"ms", "us", "ns", "s", "sec", "secs", "min", "h", "kb", "mb", "
 def metric_kinds() -> dict[str, str]:
     """Every metric name the daemon's code uses, with the kind its calls give it."""
     kinds: dict[str, str] = {}
-    for source in (REPO / "daemon").rglob("*.py"):
-        text = source.read_text()
+    texts = [source.read_text() for source in sorted((REPO / "daemon").rglob("*.py"))]
+    for text in texts:  # calls first: a bare name elsewhere (HELP) must not fix the kind before its call is seen
         for call, name in CALL.findall(text):
             assert kinds.get(name, KIND[call]) == KIND[call], f"{name} is used as two kinds of metric"
             kinds[name] = KIND[call]
+    for text in texts:
         for name in LITERAL.findall(text):
             kinds.setdefault(name, "counter" if name.endswith("_total") else "gauge")
     return kinds

@@ -130,7 +130,10 @@ def test_demo_flow_subscribers_replay_and_sigterm(make_config, start_daemon, tmp
     folders = [p for p in recordings.glob("*/belt1/*") if p.is_dir()]
     assert folders and final["recorded"] == len(folders)
     for folder in folders:
-        assert sorted(f.name for f in folder.iterdir()) == ["mask.png", "meta.json", "original.png", "overlay.jpg"]
+        names = {f.name for f in folder.iterdir()}
+        assert {"mask.png", "meta.json", "original.png", "overlay.jpg"} <= names, names
+        assert names - {"mask.png", "meta.json", "original.png", "overlay.jpg"} <= {
+            f"{kind}-{i}.jpg" for kind in ("before", "after") for i in (1, 2)}, names
         meta = json.loads((folder / "meta.json").read_text())
         assert meta["flagged"] == ["scratch"]
     listing = iseg("review", "list", "--config", str(config), "--limit", "1000")

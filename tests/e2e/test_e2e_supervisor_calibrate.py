@@ -81,8 +81,8 @@ def _results(config, seconds: float) -> list[dict]:
 
 
 def test_calibration_sets_thresholds_the_worker_uses(make_config, start_daemon):
-    # default_threshold 0: without a calibration every frame would flag every class. The
-    # camera's explicit dent threshold (1.0) must win over the calibration.
+    # default_threshold 0: without a calibration every frame would flag every class. Calibration
+    # sets live overrides; the camera's config threshold for dent (1.0) is the default a revert returns to.
     config = make_config({"cameras": [{"id": "belt1", "source": "synthetic", "fps": 4, "classes": ["scratch", "dent"],
                                        "thresholds": {"dent": 1.0},
                                        "synthetic": {"seed": 3, "width": 160, "height": 120, "defect_every": 0}}],
@@ -95,12 +95,18 @@ def test_calibration_sets_thresholds_the_worker_uses(make_config, start_daemon):
     scratch = document["per_class"]["scratch"]
     assert scratch["n"] == 8 and scratch["min"] <= scratch["p50"] <= scratch["max"] <= 1.0
     assert scratch["threshold"] == pytest.approx(min(1.0, scratch["p90"] + 0.05))
+    assert "threshold" in done.stdout
     assert scratch["min"] > 0.0, "presence 0 would not tell a calibrated threshold from the default one"
-    # Put the scratch threshold inside the range of presence scores, so that which frames flag
-    # depends on it: those above it must flag scratch, those below must not.
+    # Calibration writes through the live-override path: audited, shown as overrides; the config's values stay defaults.
+    shown = json.loads(iseg("thresholds", "show", "--json", "--config", str(config)).stdout)
+    assert {(r["class"], r["source"], r["default_source"]) for r in shown["thresholds"]} == {
+        ("scratch", "override", "calibration"), ("dent", "override", "config")}
+    assert {e["user"] for e in shown["audit"]} == {"calibrate"}
+    # Put the scratch threshold inside the range of presence scores (through the same path), so that which
+    # frames flag depends on it: those above it must flag scratch, those below must not; dent back to the config's.
     threshold = (scratch["min"] + scratch["max"]) / 2 if scratch["max"] > scratch["min"] else scratch["threshold"]
-    document["per_class"]["scratch"]["threshold"] = threshold
-    (state / "calibration" / "belt1.json").write_text(json.dumps(document))
+    for args in (["set", "--cls", "scratch", "--value", str(threshold)], ["revert", "--cls", "dent"]):
+        assert iseg("thresholds", *args, "--camera", "belt1", "--config", str(config)).returncode == 0
     daemon = start_daemon(config)
     daemon.wait_for(lambda s: s["roles"]["worker.0"]["state"].get("ready"), 120, "worker ready")
     headers = [h for h in _results(config, 12) if h.get("camera") == "belt1"]
