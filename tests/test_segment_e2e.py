@@ -65,8 +65,12 @@ def test_batch_of_four_equals_four_single_runs(family, tiny_sd21, tiny_sd15, tmp
     batched = segmenter.segment(frames, classes)
     for frame, together in zip(frames, batched):
         alone = segmenter.segment([frame], classes)[0]
+        # Batching changes GEMM rounding (~1e-7); with clustering on (float16 k-means, the authors'
+        # arithmetic) that can tip a near-tie, move a pixel to the neighbouring cluster and shift both
+        # clusters' means (seen: max 0.005, mean 2e-4). A frame mixed up with another differs by ~0.1.
         assert np.mean(alone.labels == together.labels) >= 0.999
-        assert np.abs(alone.maps - together.maps).max() < 1e-3
+        difference = np.abs(alone.maps - together.maps)
+        assert difference.max() < 0.02 and difference.mean() < 1e-3
         assert np.allclose(alone.presence, together.presence, atol=1e-6)
     lean = segmenter.segment(frames, classes, keep_maps=False)
     for full, without in zip(batched, lean):
