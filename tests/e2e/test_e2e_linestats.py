@@ -33,7 +33,8 @@ def golden_images(folder: Path, model: Path, settings: dict) -> tuple[Path, Path
 
     from engine import ClassSet, IsegSettings, Segmenter
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the daemon's worker here; restored below for the tests that run after
     samples = REPO / "engine" / "samples"
     candidates = {name: cv2.resize(cv2.imread(str(samples / f"{name}.png")), (160, 120))
                   for name in ("steel_scratch", "weld_crack", "panel_dent")}
@@ -43,7 +44,10 @@ def golden_images(folder: Path, model: Path, settings: dict) -> tuple[Path, Path
     classes = ClassSet(("scratch", "dent"), settings["bg_context"])
     names = list(candidates)
     images = [cv2.cvtColor(candidates[n], cv2.COLOR_BGR2RGB) for n in names]
-    results = segmenter.segment(images, classes, keep_maps=False)
+    try:
+        results = segmenter.segment(images, classes, keep_maps=False)
+    finally:
+        torch.set_num_threads(threads)
     scratch = {n: float(r.presence[0]) for n, r in zip(names, results)}
     defect = max(names, key=scratch.get)
     good = min(names, key=scratch.get)
