@@ -28,27 +28,9 @@ from engine.segmenter import Segmenter
 from engine.settings import IsegSettings
 from engine.tools.image_io import read_image
 from engine.tools.samples import sample_paths
+from tests.test_clustering import authors_kmeans
 
 pytestmark = pytest.mark.slow
-
-
-def _reference_kmeans(x: torch.Tensor, side: int) -> tuple[torch.Tensor, int]:
-    x = torch.where(x == 0, 1e-6, x)
-    step = side // 32 ** 0.5
-    grid = torch.arange(0, side, step)[None].long()
-    grid = grid.T * side + grid
-    prototype, cluster = x[grid.flatten()], None
-    for _ in range(20):
-        a, b = prototype.unsqueeze(-2).half() + 1e-5, x.unsqueeze(-3).half() + 1e-5
-        quotient = torch.log(a) - torch.log(b)
-        dis = (a * quotient).sum(-1) * 0.5 - (b * quotient).sum(-1) * 0.5
-        _, cluster = torch.min(dis, dim=0)
-        idx = cluster.unique()
-        prototype = torch.stack([x[cluster == v].mean(0) for v in idx], dim=0)
-    idx = cluster.unique()
-    for v in idx:
-        cluster[cluster == v] = torch.nonzero(idx == v).squeeze()
-    return cluster, len(idx)
 
 
 def _reference(store, spans, settings, latent, frame_hw):
@@ -66,7 +48,8 @@ def _reference(store, spans, settings, latent, frame_hw):
         normed = F.interpolate(normed, size=(latent, latent), mode="bilinear", align_corners=False)
         parts.append(weights[side] * normed)
     c = torch.stack(parts).sum(0)[0]
-    cluster, n = _reference_kmeans(c.flatten(-2, -1).T, latent)
+    cluster = authors_kmeans(c.flatten(-2, -1).T, latent)
+    n = int(cluster.max()) + 1
     one_hot = F.one_hot(cluster, n)
     same = one_hot[:, cluster].float()
     c = torch.matmul(same, c.flatten(-2, -1).permute(1, 0)) / same.sum(-1, keepdim=True)
