@@ -220,3 +220,5 @@ def start_capture() -> Callable[[Path, str], CaptureRun]:
     yield start
     codes = [run.stop() for run in started]
     assert codes == [0] * len(codes), codes
+
+from netns import plant  # noqa: E402,F401  (the emulated-hosts fixture, for every e2e test)
