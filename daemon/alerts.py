@@ -145,6 +145,22 @@ class AlertStore:
         self.flush()
         return alert["id"]
 
+    def put(self, alert: dict[str, Any]) -> bool:
+        """Store an alert under the id it already has (replicated from the leading publisher), replacing
+        one stored under that id; False (logged) when the store cannot be written."""
+        self.next_id = max(self.next_id, alert["id"] + 1)
+        if self.db is None and not self._connect():
+            return False
+        try:
+            with self.db:
+                self.db.execute("INSERT OR REPLACE INTO alerts (id, camera, ts, body) VALUES (?, ?, ?, ?)",
+                                (alert["id"], alert["camera"], alert["capture_ts"], json.dumps(alert)))
+        except (sqlite3.Error, OSError) as err:
+            self._failed(err)
+            self.unstored += 1
+            return False
+        return True
+
     def flush(self) -> bool:
         """Write held alerts in order; True when none are left. While the store fails it is retried at
         most once per RETRY_S (a full disk is not hammered on every alert)."""
