@@ -27,7 +27,8 @@ RETRY_S = 1.0
 
 
 class Debouncer:
-    """k-of-n voting and per-class cooldown, per camera."""
+    """k-of-n voting and per-class cooldown, per camera. A frame may arrive after a later one (a frame
+    re-sent after its worker was lost): the cooldown is the distance in capture time either way."""
 
     def __init__(self, k: int, n: int, cooldown_s: float) -> None:
         self.k, self.n, self.cooldown_s = k, n, cooldown_s
@@ -44,7 +45,7 @@ class Debouncer:
             if name not in flagged or sum(window) < self.k:
                 continue
             last = self.last_alert.get(key)
-            if last is not None and ts - last < self.cooldown_s:
+            if last is not None and abs(ts - last) < self.cooldown_s:
                 continue
             self.last_alert[key] = ts
             firing.append(name)

@@ -79,6 +79,10 @@ def cmd_worker(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int
         print(f"error: worker --remote: {config.path} has no sockets.remote (host, results_port and the CurveZMQ "
               "keys of the main host; see configs/line.example.yaml)", file=sys.stderr)
         return EX_CONFIG
+    if args.remote and config.dispatch.enabled and config.dispatch.port is None:
+        print(f"error: worker --remote: {config.path} has dispatch enabled but no dispatch.port (the TCP port of "
+              "the capture hosts' dispatchers; see configs/line.example.yaml)", file=sys.stderr)
+        return EX_CONFIG
     return run_worker(config, stop, name=args.name, remote=args.remote)
 
 
@@ -309,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     capture = with_config("capture", "run one camera's capture role")
     capture.add_argument("--camera", required=True, help="camera id")
-    capture.set_defaults(func=_role(cmd_capture))
+    # Capture keeps nothing on disk: a capture host runs one per camera beside its dispatcher, no lock.
+    capture.set_defaults(func=_role(cmd_capture, owns_state=False))
 
     worker = with_config("worker", "run a detection worker (one per GPU)")
     worker.add_argument("--name", default="worker.0", help="name in logs and metrics")

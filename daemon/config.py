@@ -444,6 +444,9 @@ class DaemonConfig(Section):
                 raise _rule(f"cameras[{i}].id", f"{cam.id!r} is used by two cameras")
             seen.add(cam.id)
             if cam.tcp_port is not None:
+                if self.dispatch.enabled:
+                    raise _rule(f"cameras[{i}].tcp_port", "only for dispatch.enabled: false; with dispatch, remote "
+                                "workers reach this host's dispatcher on dispatch.port")
                 if remote is None:
                     raise _rule(f"cameras[{i}].tcp_port", "set sockets.remote too (remote workers need CurveZMQ keys)")
                 if cam.tcp_port in ports:

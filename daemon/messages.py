@@ -444,14 +444,16 @@ a local tool to dispatcher (stats), dispatcher to worker (dbeat, who), dispatche
 these keys (`leader_age_ms` may be null)."""
 
 
-def _keys(value: Any, boundary: "Boundary") -> list[tuple[str, str, int]]:
+def _keys(value: Any) -> list[tuple[str, str, int]]:
+    """Frame keys of an ack or done. A camera need not be configured here: a publisher acks to every
+    dispatcher and each one only looks up the frames it holds (a key is never a path or a label)."""
     if type(value) is not list or len(value) > MAX_KEYS:
         raise Rejected("type", f"frames must be a list of at most {MAX_KEYS} [camera, session, seq]")
     keys = []
     for item in value:
         if type(item) is not list or len(item) != 3:
             raise Rejected("type", "each frame key is [camera, session, seq]")
-        keys.append((boundary._camera(item[0]), _str(item[1], MAX_NAME, "session"),
+        keys.append((_str(item[0], MAX_NAME, "camera"), _str(item[1], MAX_NAME, "session"),
                      _int(item[2], 0, MAX_SEQ, "seq")))
     return keys
 
@@ -482,7 +484,7 @@ def control(frames: Sequence[Any], boundary: "Boundary", allowed: Sequence[str])
                 raise Rejected("type", f"{topic}.{key} must be true or false")
             out[key] = value
         elif kind == "keys":
-            out[key] = _keys(value, boundary)
+            out[key] = _keys(value)
         elif kind == "object":
             if type(value) is not dict:
                 raise Rejected("type", f"{topic}.{key} must be an object")
