@@ -27,7 +27,8 @@ RETRY_S = 1.0
 
 
 class Debouncer:
-    """k-of-n voting and per-class cooldown, per camera."""
+    """k-of-n voting and per-class cooldown, per camera. A frame may arrive after a later one (a frame
+    re-sent after its worker was lost): the cooldown is the distance in capture time either way."""
 
     def __init__(self, k: int, n: int, cooldown_s: float) -> None:
         self.k, self.n, self.cooldown_s = k, n, cooldown_s
@@ -44,7 +45,7 @@ class Debouncer:
             if name not in flagged or sum(window) < self.k:
                 continue
             last = self.last_alert.get(key)
-            if last is not None and ts - last < self.cooldown_s:
+            if last is not None and abs(ts - last) < self.cooldown_s:
                 continue
             self.last_alert[key] = ts
             firing.append(name)
@@ -144,6 +145,22 @@ class AlertStore:
         self.pending.append(alert)
         self.flush()
         return alert["id"]
+
+    def put(self, alert: dict[str, Any]) -> bool:
+        """Store an alert under the id it already has (replicated from the leading publisher), replacing
+        one stored under that id; False (logged) when the store cannot be written."""
+        self.next_id = max(self.next_id, alert["id"] + 1)
+        if self.db is None and not self._connect():
+            return False
+        try:
+            with self.db:
+                self.db.execute("INSERT OR REPLACE INTO alerts (id, camera, ts, body) VALUES (?, ?, ?, ?)",
+                                (alert["id"], alert["camera"], alert["capture_ts"], json.dumps(alert)))
+        except (sqlite3.Error, OSError) as err:
+            self._failed(err)
+            self.unstored += 1
+            return False
+        return True
 
     def flush(self) -> bool:
         """Write held alerts in order; True when none are left. While the store fails it is retried at

@@ -23,7 +23,8 @@ LIVE_KINDS = {"rtsp", "http", "usb"}
 
 
 def bind_frames_socket(ctx: zmq.Context, config: DaemonConfig, camera_id: str) -> tuple[zmq.Socket, list[str]]:
-    """The camera's PUSH socket: ipc for local workers, plus Curve TCP when remote workers may join.
+    """The camera's PUSH socket: to this host's dispatcher (dispatch.enabled), else bound for the
+    workers to pull from: ipc for local workers, plus Curve TCP when remote workers may join.
 
     LINGER is half the stop timeout: frames already queued when capture stops still reach
     a worker (which is stopped after capture), so every captured frame stays accounted for."""
@@ -31,8 +32,13 @@ def bind_frames_socket(ctx: zmq.Context, config: DaemonConfig, camera_id: str) -
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.SNDHWM, config.sockets.frames_hwm)
     sock.setsockopt(zmq.LINGER, int(config.supervisor.stop_timeout_s * 500))
-    endpoint = config.endpoint("frames", camera.id)
     config.run_path.mkdir(parents=True, exist_ok=True)
+    if config.dispatch.enabled:
+        sock.setsockopt(zmq.SNDHWM, max(4, config.sockets.frames_hwm))
+        endpoint = config.endpoint("intake")
+        sock.connect(endpoint)
+        return sock, [f"{endpoint} (dispatcher)"]
+    endpoint = config.endpoint("frames", camera.id)
     sock.bind(endpoint)
     endpoints = [endpoint]
     if camera.tcp_port is not None:

@@ -1,7 +1,7 @@
 """The `iseg` command: the engine's subcommands plus the daemon's.
 
-Daemon commands: run (supervisor), validate-config, capture / worker / publish /
-record / console / sinks (one role each, for split hosts), sinks status|resend|test,
+Daemon commands: run (supervisor), validate-config, capture / dispatch / worker / publish /
+record / console / sinks (one role each, for split hosts), dispatch stats, sinks status|resend|test,
 subscribe, review, users, calibrate, gen-keys.
 Every expected failure (bad config, bad model folder, unreachable camera) is one line
 on stderr and exit code 1, never a traceback.
@@ -79,13 +79,37 @@ def cmd_worker(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int
         print(f"error: worker --remote: {config.path} has no sockets.remote (host, results_port and the CurveZMQ "
               "keys of the main host; see configs/line.example.yaml)", file=sys.stderr)
         return EX_CONFIG
+    if args.remote and config.dispatch.enabled and config.dispatch.port is None:
+        print(f"error: worker --remote: {config.path} has dispatch enabled but no dispatch.port (the TCP port of "
+              "the capture hosts' dispatchers; see configs/line.example.yaml)", file=sys.stderr)
+        return EX_CONFIG
     return run_worker(config, stop, name=args.name, remote=args.remote)
 
 
 def cmd_publish(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int:
     from daemon.publisher import run_publisher
 
-    return run_publisher(config, stop)
+    if args.backup and config.publisher.backup_host is None:
+        print(f"error: publish --backup: {config.path} has no publisher.backup_host (the backup's address, which "
+              "workers send results to once it leads)", file=sys.stderr)
+        return 1
+    return run_publisher(config, stop, backup=args.backup)
+
+
+def cmd_dispatch(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int:
+    from daemon.dispatcher import run_dispatcher
+
+    if not config.dispatch.enabled:
+        print(f"error: dispatch: {config.path} sets dispatch.enabled: false (captures push straight to the "
+              "workers then); enable it to run a dispatcher", file=sys.stderr)
+        return 1
+    return run_dispatcher(config, stop)
+
+
+def cmd_dispatch_stats(args: argparse.Namespace) -> int:
+    from daemon.dispatch_stats import print_stats
+
+    return print_stats(_config(args), args.json)
 
 
 def cmd_record(config: DaemonConfig, args: argparse.Namespace, stop: Any) -> int:
@@ -289,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     capture = with_config("capture", "run one camera's capture role")
     capture.add_argument("--camera", required=True, help="camera id")
-    capture.set_defaults(func=_role(cmd_capture))
+    # Capture keeps nothing on disk: a capture host runs one per camera beside its dispatcher, no lock.
+    capture.set_defaults(func=_role(cmd_capture, owns_state=False))
 
     worker = with_config("worker", "run a detection worker (one per GPU)")
     worker.add_argument("--name", default="worker.0", help="name in logs and metrics")
@@ -297,7 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="connect over TCP with CurveZMQ to the host in sockets.remote (a worker on another host)")
     worker.set_defaults(func=_role(cmd_worker, owns_state=False))
 
-    with_config("publish", "run the publisher role").set_defaults(func=_role(cmd_publish))
+    publish = with_config("publish", "run the publisher role")
+    publish.add_argument("--backup", action="store_true",
+                         help="be the backup of a publisher pair (on publisher.backup_host): follow the primary, "
+                              "take over when the dispatchers stop hearing it")
+    publish.set_defaults(func=_role(cmd_publish))
+
+    dispatch = with_config("dispatch", "run this capture host's dispatcher (credit-based frame dispatch), "
+                                       "or with `stats`: print its per-camera frame accounting")
+    dispatch.add_argument("action", nargs="?", choices=("stats",), help="stats: captured, dropped, published, "
+                          "resent, lost, in flight per camera, from the running dispatcher")
+    dispatch.add_argument("--json", action="store_true", help="stats as JSON")
+    dispatch.set_defaults(func=lambda args: cmd_dispatch_stats(args) if args.action == "stats"
+                          else _role(cmd_dispatch, owns_state=False)(args))
     with_config("record", "run the recorder role").set_defaults(func=_role(cmd_record))
 
     # The console reads the running daemon's stores (and writes verdicts through SQLite): it runs beside it, no lock.

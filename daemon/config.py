@@ -289,7 +289,7 @@ class RemoteConfig(Section):
         return self
 
 
-ENDPOINTS = ("frames", "results", "publish", "replay", "telemetry")
+ENDPOINTS = ("frames", "intake", "dispatch", "results", "publish", "replay", "telemetry")
 
 
 class SocketConfig(Section):
@@ -297,6 +297,8 @@ class SocketConfig(Section):
 
     run_dir: Optional[Text] = None
     frames: Text = "ipc://{run_dir}/frames-{camera}.sock"
+    intake: Text = "ipc://{run_dir}/intake.sock"
+    dispatch: Text = "ipc://{run_dir}/dispatch.sock"
     results: Text = "ipc://{run_dir}/results.sock"
     publish: Text = "ipc://{run_dir}/publish.sock"
     replay: Text = "ipc://{run_dir}/replay.sock"
@@ -322,6 +324,51 @@ class SocketConfig(Section):
         if "{camera}" not in self.frames:
             raise _rule("frames", "must contain {camera} (each camera binds its own frame socket)")
         return self
+
+
+Host = Annotated[Text, Field(min_length=1, max_length=253)]
+Millis = Annotated[StrictFloat, Field(ge=10, le=3_600_000)]
+
+
+class DispatchConfig(Section):
+    """Credit-based frame dispatch: one dispatcher per capture host hands each frame to a worker with a
+    free batch slot, keeps it until the publisher acknowledges its result, and re-sends the frames of
+    a worker that stops heartbeating. `enabled: false` is the bare PUSH/PULL of earlier versions."""
+
+    enabled: StrictBool = True
+    port: Optional[Port] = None
+    """TCP port (CurveZMQ, sockets.remote keys) where remote workers and publishers reach this host's
+    dispatcher; unset: local ipc only."""
+    hosts: Annotated[tuple[Host, ...], Field(max_length=64)] = ()
+    """Capture hosts a remote worker or publisher connects to (each on `port`); empty: sockets.remote.host."""
+    worker_timeout_ms: Millis = 2000.0
+    max_frame_age_ms: Millis = 5000.0
+    ack_timeout_ms: Millis = 3000.0
+    heartbeat_ms: Annotated[StrictFloat, Field(ge=10, le=60_000)] = 250.0
+    queue_frames: Annotated[StrictInt, Field(ge=1, le=1000)] = 2
+    """Frames per camera waiting for a free worker slot; beyond it the oldest waiting frame is dropped
+    (a live camera wants the newest frame): dropped at admission, counted, never sent."""
+    drain_s: Annotated[StrictFloat, Field(ge=0, le=3600)] = 5.0
+    """On stop, how long the dispatcher waits for frames in flight to be acknowledged."""
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> "DispatchConfig":
+        if self.worker_timeout_ms < 2 * self.heartbeat_ms:
+            raise _rule("worker_timeout_ms", f"{self.worker_timeout_ms:g} must be at least twice heartbeat_ms "
+                        f"({self.heartbeat_ms:g}): one late heartbeat must not declare a worker lost")
+        return self
+
+
+class PublisherConfig(Section):
+    """An optional backup publisher on another host, taking over when the primary stops heartbeating.
+
+    The primary runs `iseg publish` on sockets.remote.host, the backup `iseg publish --backup` on
+    `backup_host`; both bind sockets.remote.results_port and `peer_port`."""
+
+    backup_host: Optional[Host] = None
+    peer_port: Port = 5603
+    takeover_ms: Annotated[StrictFloat, Field(ge=100, le=600_000)] = 3000.0
+    """Silence of the primary (as every reachable dispatcher reports it) before the backup takes over."""
 
 
 class MetricsConfig(Section):
@@ -366,6 +413,8 @@ class DaemonConfig(Section):
     recorder: RecorderConfig = RecorderConfig()
     calibration: CalibrationConfig = CalibrationConfig()
     sockets: SocketConfig = SocketConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    publisher: PublisherConfig = PublisherConfig()
     metrics: MetricsConfig = MetricsConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -395,12 +444,30 @@ class DaemonConfig(Section):
                 raise _rule(f"cameras[{i}].id", f"{cam.id!r} is used by two cameras")
             seen.add(cam.id)
             if cam.tcp_port is not None:
+                if self.dispatch.enabled:
+                    raise _rule(f"cameras[{i}].tcp_port", "only for dispatch.enabled: false; with dispatch, remote "
+                                "workers reach this host's dispatcher on dispatch.port")
                 if remote is None:
                     raise _rule(f"cameras[{i}].tcp_port", "set sockets.remote too (remote workers need CurveZMQ keys)")
                 if cam.tcp_port in ports:
                     raise _rule(f"cameras[{i}].tcp_port", f"{cam.tcp_port} is already used by another camera or "
                                 "sockets.remote.results_port; give each its own port")
                 ports.add(cam.tcp_port)
+        if self.dispatch.port is not None:
+            if remote is None:
+                raise _rule("dispatch.port", "set sockets.remote too (remote workers need CurveZMQ keys)")
+            if self.dispatch.port in ports:
+                raise _rule("dispatch.port", f"{self.dispatch.port} is already used by a camera or "
+                            "sockets.remote.results_port")
+        if self.publisher.backup_host is not None:
+            if remote is None:
+                raise _rule("publisher.backup_host", "set sockets.remote too (the pair talks over CurveZMQ TCP)")
+            if not self.dispatch.enabled:
+                raise _rule("publisher.backup_host", "needs dispatch.enabled: the dispatchers fence a "
+                            "publisher that lost its turn")
+            if self.publisher.takeover_ms < 4 * self.dispatch.heartbeat_ms:
+                raise _rule("publisher.takeover_ms", f"{self.publisher.takeover_ms:g} must be at least 4 x "
+                            f"dispatch.heartbeat_ms ({self.dispatch.heartbeat_ms:g})")
         try:
             check_sinks(self.sinks, [cam.id for cam in self.cameras])
         except SinkConfigError as err:
@@ -460,6 +527,13 @@ class DaemonConfig(Section):
         """A socket endpoint with {run_dir} and {camera} filled in."""
         template = getattr(self.sockets, name)
         return template.format(run_dir=self.run_path, camera=camera)
+
+    @property
+    def dispatch_hosts(self) -> tuple[str, ...]:
+        """Capture hosts whose dispatchers a remote worker or publisher connects to."""
+        if self.dispatch.hosts:
+            return self.dispatch.hosts
+        return (self.sockets.remote.host,) if self.sockets.remote is not None else ()
 
     def threshold(self, camera: CameraConfig, class_name: str) -> float:
         """The config's threshold for one class (a calibrated one may replace it in the worker)."""

@@ -193,6 +193,8 @@ class Result:
     frame: np.ndarray | None = None
     labels: np.ndarray | None = None
     frame_spec: dict[str, Any] | None = None
+    dispatch: tuple[str, int] | None = None
+    """(dispatcher instance, admission number) of a dispatched frame: what the publisher counts gaps in."""
 
 
 @dataclass(frozen=True)
@@ -279,9 +281,15 @@ class Boundary:
         ok = _field(h, "ok", "result")
         if type(ok) is not bool:
             raise Rejected("type", "ok must be true or false")
+        dispatch = h.get("dispatch")
+        if dispatch is not None:
+            if type(dispatch) is not dict:
+                raise Rejected("type", "dispatch must be {session, seq}")
+            dispatch = (_str(_field(dispatch, "session", "result dispatch"), MAX_NAME, "dispatch.session"),
+                        _int(_field(dispatch, "seq", "result dispatch"), 0, MAX_SEQ, "dispatch.seq"))
         common = dict(camera=camera, seq=_int(_field(h, "seq", "result"), 0, MAX_SEQ, "seq"),
                       ts=_ts(_field(h, "ts", "result"), "ts"), session=_str(h.get("session") or "", MAX_NAME, "session"),
-                      roi=_roi(h.get("roi")), worker=_str(h.get("worker") or "", MAX_NAME, "worker"))
+                      roi=_roi(h.get("roi")), worker=_str(h.get("worker") or "", MAX_NAME, "worker"), dispatch=dispatch)
         if not ok:
             if payloads:
                 raise Rejected("parts", "a failed result carries no payload")
@@ -403,6 +411,90 @@ class Boundary:
         return ReplayRequest(_int(query.get("since", 0), 0, MAX_SEQ, "since"),
                              _int(query.get("limit", 1000), 1, MAX_REPLAY_LIMIT, "limit"),
                              None if camera is None else self._camera(camera))
+
+
+# -- dispatch control messages -------------------------------------------------------------------
+
+MAX_KEYS = 4096
+MAX_CREDITS = 4096
+MAX_EPOCH = 2 ** 53
+
+CONTROL_FIELDS: dict[str, dict[str, str]] = {
+    "hello": {"worker": "name", "credits": "count"},
+    "beat": {"worker": "name"},
+    "credit": {"n": "count"},
+    "done": {"frames": "keys", "credit": "count"},
+    "leader": {"publisher": "name", "epoch": "epoch", "instance": "name"},
+    "watch": {"publisher": "name", "epoch": "epoch"},
+    "ack": {"epoch": "epoch", "frames": "keys"},
+    "stats": {},
+    "dbeat": {"instance": "name"},
+    "who": {},
+    "lease": {"epoch": "epoch", "instance": "name", "leader": "name", "leader_age_ms": "ms"},
+    "fenced": {"epoch": "epoch", "instance": "name", "leader": "name", "leader_age_ms": "ms"},
+    "status": {"epoch": "epoch", "instance": "name", "leader": "name", "leader_age_ms": "ms"},
+    "repl": {"epoch": "epoch", "state": "object", "alerts": "alerts", "seq": "count"},
+    "confirm": {"seq": "count", "epoch": "epoch"},
+    "pbeat": {"epoch": "epoch", "role": "name", "leading": "bool"},
+}
+"""The control messages of credit-based dispatch and the publisher pair, each `[topic, header]`:
+worker to dispatcher (hello, beat, credit, done), publisher to dispatcher (leader, watch, ack),
+a local tool to dispatcher (stats), dispatcher to worker (dbeat, who), dispatcher to publisher
+(lease, fenced, status), publisher to publisher (repl, confirm, pbeat). A header holds exactly
+these keys (`leader_age_ms` may be null)."""
+
+
+def _keys(value: Any) -> list[tuple[str, str, int]]:
+    """Frame keys of an ack or done. A camera need not be configured here: a publisher acks to every
+    dispatcher and each one only looks up the frames it holds (a key is never a path or a label)."""
+    if type(value) is not list or len(value) > MAX_KEYS:
+        raise Rejected("type", f"frames must be a list of at most {MAX_KEYS} [camera, session, seq]")
+    keys = []
+    for item in value:
+        if type(item) is not list or len(item) != 3:
+            raise Rejected("type", "each frame key is [camera, session, seq]")
+        keys.append((_str(item[0], MAX_NAME, "camera"), _str(item[1], MAX_NAME, "session"),
+                     _int(item[2], 0, MAX_SEQ, "seq")))
+    return keys
+
+
+def control(frames: Sequence[Any], boundary: "Boundary", allowed: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """A dispatch or publisher-pair control message with one of the `allowed` topics, its header
+    checked field by field against CONTROL_FIELDS (unknown keys refused)."""
+    topic, h, payloads = _parts(frames, (2,), MAX_HEADER_BYTES)
+    if topic not in allowed:
+        raise Rejected("topic", f"topic {topic[:60]!r} is not one of {', '.join(allowed)}")
+    fields = CONTROL_FIELDS[topic]
+    unknown = set(h) - set(fields)
+    if unknown:
+        raise Rejected("unknown_key", f"{topic}: unknown key(s) {sorted(unknown)[:5]}")
+    out: dict[str, Any] = {}
+    for key, kind in fields.items():
+        value = _field(h, key, topic)
+        if kind == "name":
+            out[key] = _str(value, MAX_NAME, f"{topic}.{key}")
+        elif kind == "count":
+            out[key] = _int(value, 0, MAX_CREDITS if key in ("credits", "n", "credit") else MAX_SEQ, f"{topic}.{key}")
+        elif kind == "epoch":
+            out[key] = _int(value, 0, MAX_EPOCH, f"{topic}.{key}")
+        elif kind == "ms":
+            out[key] = None if value is None else _float(value, 0.0, 1e12, f"{topic}.{key}")
+        elif kind == "bool":
+            if type(value) is not bool:
+                raise Rejected("type", f"{topic}.{key} must be true or false")
+            out[key] = value
+        elif kind == "keys":
+            out[key] = _keys(value)
+        elif kind == "object":
+            if type(value) is not dict:
+                raise Rejected("type", f"{topic}.{key} must be an object")
+            out[key] = value
+        elif kind == "alerts":
+            if type(value) is not list or any(type(a) is not dict or type(a.get("id")) is not int
+                                              or a.get("camera") not in boundary.classes for a in value):
+                raise Rejected("type", f"{topic}.{key} must be a list of alerts with an id and a configured camera")
+            out[key] = value
+    return topic, out
 
 
 # -- heartbeats ------------------------------------------------------------------------------------

@@ -32,9 +32,31 @@ HELP = {
     "iseg_worker_inference_seconds": "Engine seconds per frame, by camera.",
     "iseg_worker_ready": "1 once the worker's model is loaded and every class set's embedding is cached.",
     "iseg_publisher_frames_total": "Frame results published.",
+    "iseg_dispatch_captured_frames_total": "Frames that reached the dispatcher from capture, plus those capture "
+                                           "skipped on its way there.",
+    "iseg_dispatch_dropped_frames_total": "Frames dropped at admission: never handed to a worker (queue full, "
+                                          "too old waiting for a free worker slot).",
+    "iseg_dispatch_published_frames_total": "Frames whose result the publisher acknowledged (stored; failed "
+                                            "frames included).",
+    "iseg_dispatch_resent_frames_total": "Frames sent again to another worker (worker lost, result not "
+                                         "acknowledged, publisher changed).",
+    "iseg_dispatch_lost_frames_total": "Frames admitted to a worker that ended with no result, by reason "
+                                       "(each also logged and written to lost-frames.jsonl).",
+    "iseg_dispatch_in_flight_frames": "Frames captured and not yet published, dropped or lost.",
+    "iseg_dispatch_workers": "Workers connected to the dispatcher and heartbeating.",
+    "iseg_dispatch_workers_lost_total": "Workers declared lost after missing heartbeats for "
+                                        "dispatch.worker_timeout_ms.",
+    "iseg_dispatch_leader_epoch": "Epoch of the publisher the dispatcher sends results to (0: none yet).",
+    "iseg_publisher_duplicate_frames_total": "Results of frames already handled (a re-sent frame's second "
+                                             "result): acknowledged again, not published.",
+    "iseg_publisher_unled_results_total": "Results not handled because this publisher does not lead (backup, "
+                                          "fenced or lease expired); the dispatcher re-sends those frames.",
+    "iseg_publisher_leading": "1 while this publisher leads (publishes and acknowledges results).",
+    "iseg_publisher_epoch": "This publisher's epoch, the fencing number of its turn as leader.",
     "iseg_publisher_failed_frames_total": "Frames reported failed by a worker.",
     "iseg_publisher_gap_frames_total":
-        "Frames skipped in the sequence when a later frame arrived (dropped, lost or late).",
+        "Frames skipped in the sequence when a later frame arrived (late or lost; with dispatch the sequence "
+        "is of admitted frames, so frames dropped at admission are no gap).",
     "iseg_publisher_late_frames_total":
         "Frames that arrived after a later one, filling a gap counted before; gap minus late is lost.",
     "iseg_capture_to_publish_seconds": "Seconds from frame capture to its result being published.",

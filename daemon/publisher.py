@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zmq
@@ -22,6 +22,7 @@ from daemon.config import DaemonConfig
 from daemon.linestats.tap import LineTap
 from daemon.messages import Boundary, Rejected, Rejections, Result
 from daemon.metrics import Registry
+from daemon.publisher_link import PublisherLink
 from daemon.publisher_state import PublisherState
 from daemon.render import encode_jpeg, encode_png, overlay_rgb, regions
 from daemon.role import Heartbeat, StopFlag
@@ -64,6 +65,48 @@ class SequenceTracker:
                 self.max_seq[camera] = entry["max_seq"]
 
 
+class DoneFrames:
+    """Frames whose results were stored, per camera session, so a re-sent frame's second result is
+    acknowledged again but not published twice (a bounded window of recent sequence numbers)."""
+
+    WINDOW = 4096
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, str] = {}
+        self.seqs: dict[str, set[int]] = {}
+        self.order: dict[str, list[int]] = {}
+
+    def seen(self, camera: str, session: str, seq: int) -> bool:
+        """True when this frame's result was handled already."""
+        return self.sessions.get(camera) == session and seq in self.seqs.get(camera, ())
+
+    def add(self, camera: str, session: str, seq: int) -> None:
+        """Remember a handled frame (a new capture session starts a new window)."""
+        if self.sessions.get(camera) != session:
+            self.sessions[camera] = session
+            self.seqs[camera] = set()
+            self.order[camera] = []
+        if seq not in self.seqs[camera]:
+            self.seqs[camera].add(seq)
+            self.order[camera].append(seq)
+            if len(self.order[camera]) > self.WINDOW:
+                self.seqs[camera].discard(self.order[camera].pop(0))
+
+    def export(self, last: int = 512) -> dict[str, Any]:
+        """The newest `last` sequence numbers per camera, as JSON (enough to cover frames in flight)."""
+        return {camera: {"session": session, "seqs": self.order[camera][-last:]} for camera, session in self.sessions.items()}
+
+    def restore(self, saved: Any, cameras: set[str]) -> None:
+        """Take back what `export` wrote, for configured cameras only."""
+        for camera, entry in (saved.items() if isinstance(saved, dict) else ()):
+            if camera in cameras and isinstance(entry, dict) and isinstance(entry.get("session"), str) \
+                    and isinstance(entry.get("seqs"), list):
+                self.sessions.pop(camera, None)
+                for seq in entry["seqs"]:
+                    if type(seq) is int and seq >= 0:
+                        self.add(camera, entry["session"], seq)
+
+
 class Publisher:
     """The result → topics logic, apart from process setup."""
 
@@ -79,6 +122,13 @@ class Publisher:
         restored = self.debouncer.restore(saved.get("debounce"), self.boundary.classes)
         self.tracker = SequenceTracker()
         self.tracker.restore(saved.get("sequences"), set(self.boundary.classes))
+        self.done = DoneFrames()
+        self.done.restore(saved.get("done"), set(self.boundary.classes))
+        self.epoch = saved.get("epoch") if type(saved.get("epoch")) is int and saved.get("epoch") > 0 else 0
+        self.unacked: list[tuple[str, str, int]] = []
+        self.replicate: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None
+        self._replicated = False
+        self.replica: dict[str, Any] = saved
         first_id = saved.get("next_alert_id")
         self.store = AlertStore(config.state_path / "alerts.sqlite3", log,
                                 first_id=first_id if type(first_id) is int and first_id > 0 else 1)
@@ -94,6 +144,8 @@ class Publisher:
         for name in ("iseg_alert_store_errors_total", "iseg_alerts_unstored_total", "iseg_publisher_state_errors_total"):
             metrics.inc(name, 0)
         metrics.set("iseg_alerts_pending", 0)
+        for name in ("iseg_publisher_duplicate_frames_total", "iseg_publisher_unled_results_total"):
+            metrics.inc(name, 0)
         for camera in config.cameras:
             for series in ("iseg_publisher_frames_total", "iseg_publisher_failed_frames_total",
                            "iseg_publisher_gap_frames_total", "iseg_publisher_late_frames_total",
@@ -104,10 +156,60 @@ class Publisher:
         self.tap = LineTap(config, metrics, log)
 
     def handle(self, result: Result, pub: zmq.Socket) -> None:
-        """One checked worker result → overlay, mask, maybe alert and flagged-frame messages."""
+        """One checked worker result → overlay, mask, maybe alert and flagged-frame messages; the frame is
+        then due for acknowledgement. A frame handled before (a re-sent frame's second result) is only
+        acknowledged again."""
+        key = (result.camera, result.session, result.seq)
+        if self.done.seen(*key):
+            self.metrics.inc("iseg_publisher_duplicate_frames_total")
+            self.unacked.append(key)
+            return
+        self.done.add(*key)
+        self._handle(result, pub)
+        self.unacked.append(key)
+        if self.replicate is not None and not self._replicated:
+            self.replicate(self.state_document(), [])
+        self._replicated = False
+
+    def due_acks(self) -> list[tuple[str, str, int]]:
+        """Frames to acknowledge now: all handled ones once the alert store has committed their alerts
+        (while it holds alerts in memory, none: the dispatcher keeps those frames)."""
+        if self.store.pending:
+            return []
+        keys, self.unacked = self.unacked, []
+        return keys
+
+    def take_replica(self, document: dict[str, Any], alerts: list[dict[str, Any]]) -> None:
+        """As follower: store the leader's alerts under their ids and keep its state document, saved as
+        this publisher's own so a restart still has it."""
+        for alert in alerts:
+            self.store.put(alert)
+        self.replica = document
+        self.state.save({**document, "epoch": self.epoch})
+
+    def adopt(self, document: dict[str, Any]) -> None:
+        """Take the leader's replicated state when this publisher takes over: cooldowns, sequence numbers,
+        frames done and the next alert id continue where the old leader left them."""
+        cameras = set(self.boundary.classes)
+        self.debouncer = Debouncer(self.config.alerts.k, self.config.alerts.n, self.config.alerts.cooldown_s)
+        self.debouncer.restore(document.get("debounce"), self.boundary.classes)
+        self.tracker = SequenceTracker()
+        self.tracker.restore(document.get("sequences"), cameras)
+        self.done = DoneFrames()
+        self.done.restore(document.get("done"), cameras)
+        next_id = document.get("next_alert_id")
+        if type(next_id) is int and next_id > self.store.next_id:
+            self.store.next_id = next_id
+        self.save_state()
+
+    def _handle(self, result: Result, pub: zmq.Socket) -> None:
         camera, seq = result.camera, result.seq
+        self._replicated = False
         labels_c = {"camera": camera}
-        change = self.tracker.gaps(camera, result.session, seq)
+        if result.dispatch is not None:
+            change = self.tracker.gaps(camera, result.dispatch[0], result.dispatch[1])
+        else:
+            change = self.tracker.gaps(camera, result.session, seq)
         if change >= 0:
             self.metrics.inc("iseg_publisher_gap_frames_total", change, **labels_c)
         else:  # counters never go down (rate() would read a reset): a filled gap is counted apart
@@ -132,11 +234,18 @@ class Publisher:
         firing = self.debouncer.update(camera, classes, flagged, result.ts)
         self.tap.observe(camera, result.ts, presence, flagged, {c: info[c]["area_frac"] for c in classes}, firing,
                          frame, result.worker)
+        alerts = []
         for name in firing:
             alert = {**base, "kind": "defect", "class": name, "classes": {
                 c: {"presence": presence[c], "threshold": thresholds[c], **info[c]} for c in flagged},
                 "frame_shape": list(frame.shape), "roi": roi}
             self.store.add(alert)
+            alerts.append(alert)
+        if alerts and self.replicate is not None:
+            self.replicate(self.state_document(), alerts)
+            self._replicated = True
+        for alert in alerts:
+            name = alert["class"]
             alert_ids.append(alert["id"])
             send(pub, f"alert.{camera}", alert)
             self.metrics.inc("iseg_alerts_total", camera=camera, **{"class": name})
@@ -163,10 +272,15 @@ class Publisher:
         recent.append(latency_ms)
         del recent[:-200]
 
+    def state_document(self) -> dict[str, Any]:
+        """What a restart (or the backup publisher) needs to carry on: next alert id, cooldowns, sequence
+        numbers, frames done, epoch."""
+        return {"next_alert_id": self.store.next_id, "debounce": self.debouncer.export(),
+                "sequences": self.tracker.export(), "done": self.done.export(), "epoch": self.epoch}
+
     def save_state(self) -> None:
-        """Persist cooldowns, sequence numbers and the next alert id (after every result)."""
-        self.state.save({"next_alert_id": self.store.next_id, "debounce": self.debouncer.export(),
-                         "sequences": self.tracker.export()})
+        """Persist the state document (after every result)."""
+        self.state.save(self.state_document())
 
     def maintain(self) -> str:
         """Retry writing held alerts and update the storage metrics; returns why the publisher is
@@ -231,31 +345,60 @@ def bind_result_sockets(ctx: zmq.Context, config: DaemonConfig) -> tuple[zmq.Soc
     return pull, pub, rep, endpoints
 
 
-def run_publisher(config: DaemonConfig, stop: StopFlag) -> int:
-    """Publisher process body; drains queued results on stop, exit code 0."""
+def run_publisher(config: DaemonConfig, stop: StopFlag, backup: bool = False) -> int:
+    """Publisher process body; drains queued results on stop, exit code 0. With dispatch it
+    acknowledges stored results to the dispatchers; `backup` makes it the pair's backup."""
     log = logging.getLogger("iseg.publisher")
     metrics = Registry()
     ctx = zmq.Context()
     heartbeat = Heartbeat(ctx, config.endpoint("telemetry"), "publisher", "publisher", metrics, stop).start()
     pull, pub, rep, endpoints = bind_result_sockets(ctx, config)
     publisher = Publisher(config, metrics, log)
+    link: PublisherLink | None = None
+    if config.dispatch.enabled:
+        link = PublisherLink(ctx, config, backup, publisher.epoch, metrics, publisher.rejections, log)
+        publisher.epoch = link.epoch
+        if link.pair:
+            publisher.replicate = lambda state, alerts: link.replicate(state, alerts, wait=bool(alerts))
+        log.info("%s publisher, epoch %d, %s", link.name, link.epoch,
+                 "leading" if link.leading else "following until the leader falls silent")
     log.info("publishing on %s; alerts in %s", ", ".join(endpoints), config.state_path / "alerts.sqlite3")
     heartbeat.update(ready=True, first_frame=False, degraded=publisher.maintain())
     poller = zmq.Poller()
     poller.register(pull, zmq.POLLIN)
     poller.register(rep, zmq.POLLIN)
+    for sock in link.sockets if link is not None else ():
+        poller.register(sock, zmq.POLLIN)
+
+    def store_and_replicate(alert: dict[str, Any]) -> int:
+        alert_id = publisher.store.add(alert)
+        if publisher.replicate is not None:
+            publisher.replicate(publisher.state_document(), [alert])
+        return alert_id
+
     next_stats = time.monotonic()
     try:
         while True:
             draining = stop.stopping
-            events = dict(poller.poll(IDLE_DRAIN_S * 1000 if draining else 200))
+            events = dict(poller.poll(IDLE_DRAIN_S * 1000 if draining else 50 if link is not None else 200))
             heartbeat.progress()
+            if link is not None:
+                now_m = time.monotonic()
+                for sock in link.sockets:
+                    if sock in events:
+                        link.take(sock, now_m, publisher.take_replica)
+                if link.tick(now_m):
+                    publisher.adopt(publisher.replica)
+                publisher.epoch = link.epoch
+                heartbeat.update(leading=link.leading, epoch=link.epoch)
             if rep in events:
                 rep.send(publisher.replay(rep.recv_multipart(copy=False)))
             if pull in events:
                 try:
                     frames = pull.recv_multipart(copy=False)
-                    if frames and bytes(frames[0].buffer if isinstance(frames[0], zmq.Frame) else frames[0]) == b"selftest":
+                    if link is not None and not link.may_publish(time.monotonic()):
+                        metrics.inc("iseg_publisher_unled_results_total")
+                    elif frames and bytes(frames[0].buffer if isinstance(frames[0], zmq.Frame) else frames[0]) == b"selftest":
                         publisher.tap.self_test(publisher.boundary.self_test(frames))
                     else:
                         publisher.handle(publisher.boundary.result(frames), pub)
@@ -265,9 +408,11 @@ def run_publisher(config: DaemonConfig, stop: StopFlag) -> int:
                     publisher.rejections.internal("results", err)
                 if publisher.first_frame_at is not None:
                     heartbeat.update(first_frame=True, first_frame_at=publisher.first_frame_at, published=publisher.published)
-            elif draining and not events:
+            elif draining and rep not in events:
                 break
-            publisher.tap.tick(lambda topic, body: send(pub, topic, body), publisher.store.add)
+            if link is not None:
+                link.ack(publisher.due_acks())
+            publisher.tap.tick(lambda topic, body: send(pub, topic, body), store_and_replicate)
             if time.monotonic() >= next_stats:
                 degraded = publisher.maintain()
                 if degraded != heartbeat.state.get("degraded", ""):
@@ -277,6 +422,9 @@ def run_publisher(config: DaemonConfig, stop: StopFlag) -> int:
         log.info("publisher stopped after %d frames (%s)", publisher.published, stop.signal_name or "done")
     finally:
         publisher.maintain()
+        if link is not None:
+            link.ack(publisher.due_acks())
+            link.close()
         publisher.tap.close()
         publisher.store.close()
         publisher.save_state()

@@ -62,8 +62,9 @@ def bind_curve_server(ctx: zmq.Context, sock: zmq.Socket, config: DaemonConfig, 
     return endpoint
 
 
-def connect_curve_client(sock: zmq.Socket, config: DaemonConfig, port: int) -> str:
-    """Make `sock` a Curve client of the main host and connect it; returns the endpoint."""
+def connect_curve_client(sock: zmq.Socket, config: DaemonConfig, port: int, host: str | None = None) -> str:
+    """Make `sock` a Curve client of `host` (default: the main host, sockets.remote.host) and connect
+    it; returns the endpoint."""
     remote = config.sockets.remote
     assert remote is not None
     server_public, _ = _load(config.resolve(remote.server_key), secret=False)
@@ -71,7 +72,7 @@ def connect_curve_client(sock: zmq.Socket, config: DaemonConfig, port: int) -> s
     sock.setsockopt(zmq.CURVE_SERVERKEY, server_public)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
-    endpoint = f"tcp://{remote.host}:{port}"
+    endpoint = f"tcp://{host or remote.host}:{port}"
     sock.connect(endpoint)
     return endpoint
 

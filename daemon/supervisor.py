@@ -46,8 +46,8 @@ from daemon.sdnotify import Notifier
 from daemon.sinks.status import sink_stats
 from daemon.state_lock import ENV_FD, acquire
 
-STOP_ORDER = ("capture", "worker", "publisher", "recorder", "console", "sinks")
-START_ORDER = ("publisher", "recorder", "console", "sinks", "worker", "capture")
+STOP_ORDER = ("capture", "dispatch", "worker", "publisher", "recorder", "console", "sinks")
+START_ORDER = ("publisher", "recorder", "console", "sinks", "dispatch", "worker", "capture")
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -108,6 +108,8 @@ class Supervisor:
             self.roles.append(RoleProcess("console", "console", base + ["console"] + config_arg))
         if config.sinks:
             self.roles.append(RoleProcess("sinks", "sinks", base + ["sinks"] + config_arg))
+        if config.dispatch.enabled:
+            self.roles.append(RoleProcess("dispatch", "dispatch", base + ["dispatch"] + config_arg))
         for i in range(config.worker.count):
             self.roles.append(RoleProcess(f"worker.{i}", "worker", base + ["worker", "--name", f"worker.{i}"] + config_arg))
         for camera in config.cameras:
@@ -299,6 +301,8 @@ class Supervisor:
                     cameras[camera][key] = cameras[camera].get(key, 0) + value
         for flow in cameras.values():
             flow["gaps"] = flow.get("gaps", 0) - flow.pop("late", 0)
+        if self.config.dispatch.enabled:
+            self._dispatch_flow(merged, cameras)
         for metric, key in (("iseg_capture_to_publish_seconds", "latency"), ("iseg_worker_inference_seconds", "inference")):
             for labels, hist in merged["histograms"].get(metric, {}).items():
                 camera = parse_labels(labels).get("camera")
@@ -325,6 +329,34 @@ class Supervisor:
                 "roles": roles, "cameras": cameras, "sinks": sinks,
                 "health": linestats_api.health(self.config, now)["cameras"],
                 "supervisor": {"rejected": rejected.get("supervisor", {})}, "ts": now}
+
+    @staticmethod
+    def _dispatch_flow(merged: dict[str, Any], cameras: dict[str, dict[str, Any]]) -> None:
+        """With dispatch, a camera's captured / dropped / published / resent / lost / in_flight are the
+        dispatcher's: one process counts them all, so captured = dropped + published + lost + in_flight
+        holds in every snapshot (published counts acknowledged frames, failed ones included)."""
+        names = {"iseg_dispatch_captured_frames_total": "captured", "iseg_dispatch_dropped_frames_total": "dropped",
+                 "iseg_dispatch_published_frames_total": "published", "iseg_dispatch_resent_frames_total": "resent",
+                 "iseg_dispatch_in_flight_frames": "in_flight"}
+        flows: dict[str, dict[str, Any]] = {camera: {"lost": 0, "lost_reasons": {}} for camera in cameras}
+        for metric, key in names.items():
+            series = merged["counters"].get(metric) or merged["gauges"].get(metric) or {}
+            for labels, value in series.items():
+                camera = parse_labels(labels).get("camera")
+                if camera in flows:
+                    flows[camera][key] = int(flows[camera].get(key, 0) + value)
+        for labels, value in merged["counters"].get("iseg_dispatch_lost_frames_total", {}).items():
+            parsed = parse_labels(labels)
+            if parsed.get("camera") in flows:
+                flow = flows[parsed["camera"]]
+                flow["lost"] += int(value)
+                reason = parsed.get("reason", "")
+                flow["lost_reasons"][reason] = flow["lost_reasons"].get(reason, 0) + int(value)
+        for camera, flow in flows.items():
+            if "captured" in flow:
+                cameras[camera]["capture_read"] = cameras[camera].get("captured", 0)
+                cameras[camera]["publisher_frames"] = cameras[camera].get("published", 0)
+                cameras[camera].update(flow)
 
     def respond(self, path: str) -> tuple[int, str, bytes]:
         """Answer one HTTP path."""

@@ -19,6 +19,7 @@ import numpy as np
 import zmq
 
 from daemon.config import DaemonConfig
+from daemon.dispatch_client import DispatchClient, Route
 from daemon.linestats import selftest
 from daemon.linestats.overrides import OverrideWatcher, effective_thresholds
 from daemon.messages import Boundary, Rejected, Rejections
@@ -35,10 +36,11 @@ DRAIN_MAX_S = 5.0
 
 @dataclass
 class PendingFrame:
-    """A decoded frame waiting for its batch."""
+    """A decoded frame waiting for its batch (`route`: where a dispatched frame's result goes)."""
 
     header: dict[str, Any]
     frame: np.ndarray
+    route: Route | None = None
 
 
 def connect_sockets(ctx: zmq.Context, config: DaemonConfig, remote: bool) -> tuple[zmq.Socket, zmq.Socket, list[str]]:
@@ -91,6 +93,7 @@ class Worker:
                 metrics.inc(series, 0, worker=name, camera=camera.id)
         for result in ("pass", "fail"):
             metrics.inc("iseg_worker_self_tests_total", 0, worker=name, result=result)
+        self.client: DispatchClient | None = None
         self.watcher = OverrideWatcher(config.state_path)
         self.load_thresholds()
         self.golden = selftest.load_golden(config)
@@ -122,19 +125,30 @@ class Worker:
             passed, detail = selftest.judge(golden, scores[0], scores[1], thresholds)
         self.metrics.inc("iseg_worker_self_tests_total", worker=self.name, result="pass" if passed else "fail")
         (self.log.info if passed else self.log.error)("self-test %s: %s", "passed" if passed else "FAILED", detail)
+        out = self.client.results_socket(self.client.last_route) if self.client is not None else push
         try:
-            send(push, "selftest", selftest.message(self.name, golden, passed, detail))
+            send(out, "selftest", selftest.message(self.name, golden, passed, detail),
+                 flags=zmq.NOBLOCK if self.client is not None else 0)
         except zmq.Again:
             self.log.error("publisher not taking results; self-test outcome lost")
 
     def decode(self, frames: list[Any]) -> PendingFrame:
-        """Check a raw frame message against its schema (Rejected when it fails)."""
-        frame = self.boundary.frame(frames)
-        if frame.camera not in self.class_sets:
-            raise Rejected("camera", f"camera {frame.camera!r} has no class set in this worker")
-        return PendingFrame(frame.header(), frame.image)
+        """Check a raw frame message against its schema (Rejected when it fails; a dispatched one still
+        gives its slot back)."""
+        route = self.client.last_route if self.client is not None else None
+        try:
+            frame = self.boundary.frame(frames)
+            if frame.camera not in self.class_sets:
+                raise Rejected("camera", f"camera {frame.camera!r} has no class set in this worker")
+            if self.client is not None:
+                route = self.client.route()
+        except Rejected:
+            if self.client is not None:
+                self.client.rejected(route)
+            raise
+        return PendingFrame(frame.header(), frame.image, route)
 
-    def collect(self, pull: zmq.Socket, stop: StopFlag, draining: bool) -> list[PendingFrame]:
+    def collect(self, pull: Any, stop: StopFlag, draining: bool) -> list[PendingFrame]:
         """Up to batch_size frames: wait for the first, then at most max_wait_ms for the rest."""
         batch: list[PendingFrame] = []
         deadline: float | None = None
@@ -143,6 +157,8 @@ class Worker:
                 timeout_ms = IDLE_DRAIN_S * 1000 if draining else 200
             else:
                 timeout_ms = max(0.0, (deadline - time.monotonic()) * 1000)
+            if self.client is not None:
+                self.client.beat()
             if not pull.poll(timeout_ms):
                 if deadline is not None or draining or stop.stopping:
                     break
@@ -193,6 +209,8 @@ class Worker:
         """Header and payloads of one result for the publisher."""
         header = {key: pending.header.get(key) for key in ("camera", "seq", "ts", "session", "roi")}
         header["worker"] = self.name
+        if pending.route is not None:
+            header["dispatch"] = {"session": pending.route.dispatcher, "seq": pending.route.admitted}
         header["model"] = self.segmenter.fingerprint
         header["done_ts"] = now()
         if result is None:
@@ -206,8 +224,9 @@ class Worker:
                       frame=array_header(pending.frame), labels=array_header(result.labels))
         return header, [pending.frame, np.ascontiguousarray(result.labels, dtype=np.uint8)]
 
-    def handle(self, batch: list[PendingFrame], push: zmq.Socket) -> None:
-        """Run one batch and send every frame's outcome."""
+    def handle(self, batch: list[PendingFrame], push: Any) -> None:
+        """Run one batch and send every frame's outcome (dispatched frames: to the publisher their route
+        names, then `done` to their dispatchers, which keep them until the publisher acknowledges)."""
         for pending, result, error in self.run_batch(batch):
             camera = pending.header["camera"]
             if result is None:
@@ -218,13 +237,23 @@ class Worker:
                 self.metrics.observe("iseg_worker_inference_seconds", result.timings_ms.get("total_ms", 0.0) / 1000,
                                      camera=camera)
             header, payloads = self.result_message(pending, result, error)
+            if self.client is not None:
+                try:
+                    send(self.client.results_socket(pending.route), "result", header, payloads, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    self.metrics.inc("iseg_worker_unsent_results_total", worker=self.name, camera=camera)
+                    self.log.warning("publisher %s not taking results; frame %s/%s goes back to its dispatcher",
+                                     pending.route.publisher if pending.route else "?", camera, pending.header["seq"])
+                continue
             try:
                 send(push, "result", header, payloads)
             except zmq.Again:
                 self.metrics.inc("iseg_worker_unsent_results_total", worker=self.name, camera=camera)
                 self.log.error("publisher not taking results; result %s/%s lost", camera, pending.header["seq"])
+        if self.client is not None:
+            self.client.done([p.route for p in batch if p.route is not None])
 
-    def loop(self, pull: zmq.Socket, push: zmq.Socket, stop: StopFlag) -> None:
+    def loop(self, pull: Any, push: Any, stop: StopFlag) -> None:
         """Until stopped; then drain what is already queued so no frame goes unaccounted
         (for at most DRAIN_MAX_S: a capture that is still running would never let us finish)."""
         drain_until: float | None = None
@@ -243,6 +272,8 @@ class Worker:
                 return
             if self.heartbeat:
                 self.heartbeat.progress()
+            if self.client is not None:
+                self.client.beat()
 
 
 def run_worker(config: DaemonConfig, stop: StopFlag, name: str = "worker.0", remote: bool = False) -> int:
@@ -260,18 +291,30 @@ def run_worker(config: DaemonConfig, stop: StopFlag, name: str = "worker.0", rem
         except (ModelLoadError, SettingsError, InputError, selftest.SelfTestError) as err:
             log.critical("worker %s cannot start with this configuration: %s", name, err)
             return EX_CONFIG
-        pull, push, endpoints = connect_sockets(ctx, config, remote)
+        if config.dispatch.enabled:
+            client = DispatchClient(ctx, config, name, remote, config.worker.batch_size, worker.rejections, log)
+            worker.client = client
+            pull = client
+            push = client.results["primary"]
+            endpoints = client.endpoints
+        else:
+            pull, push, endpoints = connect_sockets(ctx, config, remote)
         log.info("worker %s (pid %d) ready: batch %d, max wait %.0f ms, on %s", name, os.getpid(),
                  config.worker.batch_size, config.worker.max_wait_ms, ", ".join(endpoints))
         heartbeat.progress()  # loading took long; without this the first "ready" heartbeat looks like a stuck loop
         heartbeat.update(ready=True, backend=segmenter.backend_name, cuda_graphs=segmenter.cuda_graphs)
+        if worker.client is not None:
+            worker.client.start()
         worker.loop(pull, push, stop)
         log.info("worker %s stopped (%s)", name, stop.signal_name or "done")
     finally:
         heartbeat.stop()
-        for sock in (pull, push):
-            if sock is not None:
-                sock.close()
+        if isinstance(pull, DispatchClient):
+            pull.close()
+        else:
+            for sock in (pull, push):
+                if sock is not None:
+                    sock.close()
         stop_authenticators()
         ctx.term()
     return 0

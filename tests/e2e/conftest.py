@@ -163,16 +163,21 @@ def start_daemon() -> Callable[..., Daemon]:
 
 
 class CaptureRun:
-    """A running `iseg capture --camera belt1` and a PULL socket on its frame queue."""
+    """A running `iseg capture --camera belt1` and a PULL socket on its frame queue (bound where the
+    dispatcher would be, or connected to the capture's own socket without dispatch)."""
 
     def __init__(self, config: Path, name: str) -> None:
         import zmq
 
-        state = Path(yaml.safe_load(config.read_text())["state_dir"])
+        settings = yaml.safe_load(config.read_text())
+        state = Path(settings["state_dir"])
         (state / "run").mkdir(parents=True, exist_ok=True)
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
-        self.pull.connect(f"ipc://{state}/run/frames-belt1.sock")
+        if settings.get("dispatch", {}).get("enabled", True):
+            self.pull.bind(f"ipc://{state}/run/intake.sock")  # stands in for the dispatcher
+        else:
+            self.pull.connect(f"ipc://{state}/run/frames-belt1.sock")
         self.log_path = config.with_name(f"{name}.log")
         self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "capture", "--camera", "belt1", "--config", str(config)],
                                      cwd=REPO, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT)

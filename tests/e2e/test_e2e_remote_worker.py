@@ -1,6 +1,6 @@
-"""Two workers share one camera's load: the supervisor's local worker over ipc, and a
-second worker connecting over TCP with CurveZMQ (as from another host). Clients
-without an authorised key, or without Curve at all, get no frames."""
+"""Two workers share one camera's load through the dispatcher: the supervisor's local worker over
+ipc, and a second worker connecting over TCP with CurveZMQ (as from another host). Clients
+without an authorised key, or without Curve at all, get no frames even when they ask for work."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def test_two_workers_one_over_curve_tcp(make_config, start_daemon, tmp_path):
     frames_port, results_port = free_port(), free_port()
     config = make_config({
         "cameras": [{"id": "belt1", "source": "synthetic", "fps": 8, "classes": ["scratch", "dent"],
-                     "tcp_port": frames_port, "synthetic": {"seed": 3, "width": 160, "height": 120}}],
+                     "synthetic": {"seed": 3, "width": 160, "height": 120}}],
+        "dispatch": {"port": frames_port},
         "sockets": {"remote": {"host": "127.0.0.1", "bind_host": "127.0.0.1", "results_port": results_port,
                                "server_key": str(keys / "server.key_secret"),
                                "client_key": str(keys / "client.key_secret"),
@@ -45,13 +46,14 @@ def test_two_workers_one_over_curve_tcp(make_config, start_daemon, tmp_path):
         stranger_public, stranger_secret = zmq.auth.load_certificate(
             zmq.auth.create_certificates(str(tmp_path / "stranger"), "stranger")[1])
         server_public, _ = zmq.auth.load_certificate(str(keys / "server.key"))
-        curve_intruder = ctx.socket(zmq.PULL)
+        curve_intruder = ctx.socket(zmq.DEALER)
         curve_intruder.setsockopt(zmq.CURVE_SERVERKEY, server_public)
         curve_intruder.setsockopt(zmq.CURVE_PUBLICKEY, stranger_public)
         curve_intruder.setsockopt(zmq.CURVE_SECRETKEY, stranger_secret)
-        plain_intruder = ctx.socket(zmq.PULL)
+        plain_intruder = ctx.socket(zmq.DEALER)
         for sock in (curve_intruder, plain_intruder):
             sock.connect(f"tcp://127.0.0.1:{frames_port}")
+            sock.send_multipart([b"hello", json.dumps({"worker": "intruder", "credits": 8}).encode()], zmq.NOBLOCK)
             intruders.append(sock)
 
         seen: dict[str, int] = {}

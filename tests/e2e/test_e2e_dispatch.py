@@ -1,0 +1,129 @@
+"""Credit-based dispatch on one host, under the supervisor: a frozen worker, a killed worker and a
+killed publisher lose no admitted frame, every alert is stored once, and the accounting
+captured = dropped + published + lost + in_flight holds in every /stats read."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def flow_of(stats: dict) -> dict:
+    """belt1's flow, with the accounting identity checked."""
+    flow = stats["cameras"]["belt1"]
+    assert flow["captured"] == flow["dropped"] + flow["published"] + flow["lost"] + flow["in_flight"], flow
+    return flow
+
+
+def watch(daemon, seconds: float) -> dict:
+    """Read /stats every 0.3 s for `seconds`, checking the identity each time; the last flow."""
+    deadline = time.monotonic() + seconds
+    flow = {}
+    while time.monotonic() < deadline:
+        flow = flow_of(daemon.stats())
+        time.sleep(0.3)
+    return flow
+
+
+def settle(daemon, timeout: float = 30) -> dict:
+    """Until nothing is in flight past the admission queue (published caught up)."""
+    return flow_of(daemon.wait_for(lambda s: flow_of(s)["in_flight"] <= 2 and flow_of(s)["published"] > 0,
+                                   timeout, "frames in flight to settle"))
+
+
+def alerts_once(state) -> int:
+    """Every stored alert is for a distinct (camera, frame, class); returns how many there are."""
+    with sqlite3.connect(state / "alerts.sqlite3") as db:
+        rows = [json.loads(body) for (body,) in db.execute("SELECT body FROM alerts WHERE body LIKE '%\"defect\"%'")]
+    keys = [(a["camera"], a["seq"], a["class"]) for a in rows]
+    assert len(keys) == len(set(keys)), "an alert was stored twice"
+    return len(keys)
+
+
+def role_pid(daemon, name: str) -> int:
+    return daemon.wait_for(lambda s: s["roles"][name]["pid"] and s["roles"][name]["up"], 90,
+                           f"{name} up")["roles"][name]["pid"]
+
+
+@pytest.fixture
+def dispatch_daemon(make_config, start_daemon):
+    config = make_config({"worker": {"count": 2, "batch_size": 1, "max_wait_ms": 10},
+                          "cameras": [{"id": "belt1", "source": "synthetic", "fps": 3, "classes": ["scratch", "dent"],
+                                       "thresholds": {"scratch": 0.0, "dent": 1.0},
+                                       "synthetic": {"seed": 3, "width": 160, "height": 120}}],
+                          "alerts": {"k": 1, "n": 1, "cooldown_s": 0.0},
+                          "dispatch": {"worker_timeout_ms": 1500, "max_frame_age_ms": 8000, "queue_frames": 2},
+                          "supervisor": {"heartbeat_timeout_s": 20, "restart_backoff_s": 0.2}})
+    daemon = start_daemon(config)
+    daemon.wait_ready(120)
+    daemon.wait_for(lambda s: s["roles"]["worker.0"]["up"] and s["roles"]["worker.1"]["up"], 90, "both workers")
+    return daemon
+
+
+def test_frozen_and_killed_worker_lose_nothing(dispatch_daemon):
+    daemon = dispatch_daemon
+    watch(daemon, 3)
+    pid = role_pid(daemon, "worker.1")
+    os.killpg(pid, signal.SIGSTOP)
+    try:
+        during = watch(daemon, 4)
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    assert during["resent"] >= 1 or during["published"] > 0, during
+    frozen = settle(daemon)
+    assert frozen["lost"] == 0, frozen
+    pid = role_pid(daemon, "worker.0")
+    os.kill(pid, signal.SIGKILL)
+    watch(daemon, 4)
+    final = settle(daemon)
+    assert final["lost"] == 0, final
+    assert final["gaps"] == 0, final
+    assert final["resent"] >= 1, final
+    alerts_once(daemon.state)
+    assert daemon.terminate() == 0
+    last = json.loads((daemon.state / "last_stats.json").read_text())["cameras"]["belt1"]
+    assert last["captured"] == last["dropped"] + last["published"] + last["lost"], last
+    assert last["lost_reasons"].get("worker_lost", 0) == 0, last
+
+
+def test_killed_publisher_restarts_without_loss_or_duplicate_alerts(dispatch_daemon):
+    daemon = dispatch_daemon
+    watch(daemon, 3)
+    before = alerts_once(daemon.state)
+    pid = role_pid(daemon, "publisher")
+    os.kill(pid, signal.SIGKILL)
+    daemon.wait_for(lambda s: s["roles"]["publisher"]["pid"] not in (None, pid) and s["roles"]["publisher"]["up"],
+                    60, "the publisher restarted")
+    watch(daemon, 4)
+    final = settle(daemon)
+    assert final["lost"] == 0, final
+    assert alerts_once(daemon.state) > before
+    ids = [row[0] for row in sqlite3.connect(daemon.state / "alerts.sqlite3").execute("SELECT id FROM alerts ORDER BY id")]
+    assert ids == sorted(set(ids))
+    assert daemon.terminate() == 0
+
+
+def test_dispatch_stats_command_prints_the_accounting(dispatch_daemon):
+    daemon = dispatch_daemon
+    done = subprocess.run([sys.executable, "-m", "daemon", "dispatch", "stats", "--json", "--config", str(daemon.config)],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout)
+    flow = stats["cameras"]["belt1"]
+    assert flow["captured"] == flow["dropped"] + flow["published"] + flow["lost"] + flow["in_flight"]
+    assert sorted(stats["workers"]) == ["worker.0", "worker.1"] and stats["leader"] == "primary"
+    text = subprocess.run([sys.executable, "-m", "daemon", "dispatch", "stats", "--config", str(daemon.config)],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert "belt1" in text.stdout and "in flight" in text.stdout
+    assert daemon.terminate() == 0
