@@ -45,9 +45,10 @@ def write_keys(directory: Path) -> Path:
 
 def write_plant_config(path: Path, model_dir: Path, keys: Path, main: Host, fps: float = 6.0, frames_hwm: int = 1,
                        batch_size: int = 1, changes: dict[str, Any] | None = None) -> Path:
-    """The one config of every host: one synthetic camera served over Curve TCP by `main`, the fast
+    """The one config of every host for the bare PUSH/PULL of earlier versions (`dispatch.enabled:
+    false`): one synthetic camera whose capture on `main` serves frames over Curve TCP, the fast
     tiny-model settings of the e2e tests, per-role state dirs from the environment (see `role_env`);
-    `changes` are deep-merged in (a `dispatch` section, other ports, ...)."""
+    `changes` are deep-merged in."""
     document: dict[str, Any] = {
         "state_dir": "${ISEG_STATE_DIR}",
         "engine": {"model_dir": str(model_dir), "settings": {"size": 128, "iters": 3, "cluster": False,
@@ -58,6 +59,7 @@ def write_plant_config(path: Path, model_dir: Path, keys: Path, main: Host, fps:
                      "tcp_port": FRAMES_PORT, "synthetic": {"seed": 3, "width": 160, "height": 120}}],
         "alerts": {"k": 2, "n": 3, "cooldown_s": 1.0},
         "recorder": {"min_free_mb": 1, "retention_days": 1},
+        "dispatch": {"enabled": False},
         "sockets": {"run_dir": "${ISEG_RUN_DIR}", "frames_hwm": frames_hwm,
                     "remote": {"host": main.ip, "bind_host": "0.0.0.0", "results_port": RESULTS_PORT,
                                "server_key": str(keys / "server.key_secret"),
