@@ -205,7 +205,7 @@ class Host:
         return proc
 
     def kill(self, proc: subprocess.Popen) -> None:
-        """SIGKILL the process group (a crashed host process: no goodbye to its peers)."""
+        """SIGKILL the process group (a crash: no clean shutdown, though its kernel still closes its connections)."""
         _signal_group(proc, signal.SIGKILL)
         proc.wait(10)
 
