@@ -162,6 +162,16 @@ class AlertStore:
             return False
         return True
 
+    def remove(self, alert_id: int) -> None:
+        """Take back an alert stored but never published (its publisher lost the lead meanwhile)."""
+        self.pending = deque(a for a in self.pending if a["id"] != alert_id)
+        if self.db is not None:
+            try:
+                with self.db:
+                    self.db.execute("DELETE FROM alerts WHERE id = ?", (alert_id,))
+            except sqlite3.Error as err:
+                self._failed(err)
+
     def flush(self) -> bool:
         """Write held alerts in order; True when none are left. While the store fails it is retried at
         most once per RETRY_S (a full disk is not hammered on every alert)."""

@@ -367,7 +367,7 @@ class PublisherConfig(Section):
 
     backup_host: Optional[Host] = None
     peer_port: Port = 5603
-    takeover_ms: Annotated[StrictFloat, Field(ge=100, le=600_000)] = 3000.0
+    takeover_ms: Annotated[StrictFloat, Field(ge=100, le=600_000)] = 2500.0
     """Silence of the primary (as every reachable dispatcher reports it) before the backup takes over."""
 
 

@@ -47,6 +47,7 @@ class Link:
     instance: str = ""
     holding: int = 0
     heard_at: float = field(default_factory=time.monotonic)
+    hello_at: float = 0.0
 
 
 class DispatchClient:
@@ -113,6 +114,7 @@ class DispatchClient:
     def hello(self, link: Link) -> None:
         """(Re)register with a dispatcher, offering every slot not taken by its frames."""
         link.holding = 0
+        link.hello_at = time.monotonic()
         self._send(link, "hello", {"worker": self.name, "credits": self.window})
 
     def start(self) -> None:
@@ -143,9 +145,10 @@ class DispatchClient:
             self.rejections.count("dispatch", err)
             return
         if kind == "who":
-            self.log.info("dispatcher %s does not know this worker (it restarted or declared it lost); hello again",
-                          link.endpoint)
-            self.hello(link)
+            if time.monotonic() - link.hello_at > self.config.dispatch.heartbeat_ms / 1000:
+                self.log.info("dispatcher %s does not know this worker (it restarted or declared it lost); "
+                              "hello again", link.endpoint)
+                self.hello(link)
         elif h["instance"] != link.instance:
             if link.instance:
                 self.log.info("dispatcher at %s restarted; hello again", link.endpoint)

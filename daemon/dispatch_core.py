@@ -46,6 +46,7 @@ class FlightFrame:
     requeue_reason: str = ""
     sends: int = 0
     admit_seq: int = -1
+    sent_at: float = 0.0
 
 
 @dataclass
@@ -55,8 +56,14 @@ class WorkerSlot:
     name: str
     credits: int
     heard_at: float
+    window: int = 1
     last_sent: float = 0.0
     holding: set[Key] = field(default_factory=set)
+
+    def give(self, credits: int) -> None:
+        """Free slots back, never more than the worker offered less what it holds (a late report of
+        a frame taken from it must not inflate its share)."""
+        self.credits = max(0, min(self.credits + credits, self.window - len(self.holding)))
 
 
 @dataclass
@@ -162,14 +169,19 @@ class DispatchCore:
 
     # -- workers -------------------------------------------------------------------------------
 
-    def worker_hello(self, peer: bytes, name: str, credits: int, now: float) -> list[FlightFrame]:
-        """A worker (re)introduces itself with its free slots; a reconnect under a new peer id is a new
-        worker, and frames an old registration of the same peer held are re-sent."""
-        requeued: list[FlightFrame] = []
-        if peer in self.workers:
-            requeued = self._release(self.workers.pop(peer), "worker_lost")
-        self.workers[peer] = WorkerSlot(name, credits, now)
-        return requeued
+    def worker_hello(self, peer: bytes, name: str, credits: int, now: float) -> bool:
+        """A worker (re)introduces itself with its slots; a reconnect under a new peer id is a new worker.
+        A second hello from a known peer (it crossed our reply) sets its free slots to what it offers
+        less the frames on their way to it. True when the worker is new."""
+        known = self.workers.get(peer)
+        if known is not None:
+            known.window = credits
+            known.credits = 0
+            known.give(credits)
+            known.heard_at = now
+            return False
+        self.workers[peer] = WorkerSlot(name, credits, now, window=credits)
+        return True
 
     def worker_beat(self, peer: bytes, now: float) -> bool:
         """A heartbeat from a worker's inference loop; False when the worker is unknown (it must say hello)."""
@@ -184,19 +196,22 @@ class DispatchCore:
         slot = self.workers.get(peer)
         if slot is None:
             return False
-        slot.credits += credits
+        slot.give(credits)
         slot.heard_at = now
         return True
 
     def worker_done(self, peer: bytes, keys: Iterable[Key], now: float) -> list[FlightFrame]:
         """The worker sent these frames' results to the publisher their route named; the frames now wait
         for an acknowledgement. One whose route is no longer the leader is re-queued at once (its
-        result went to a publisher that lost its turn). Returns those re-queued."""
+        result went to a publisher that lost its turn). A worker declared lost, or one reporting a frame
+        that was taken from it meanwhile, changes nothing (its result still counts if the publisher
+        acknowledges it). Returns those re-queued."""
         slot = self.workers.get(peer)
         requeued = []
         for key in keys:
-            if slot is not None:
-                slot.holding.discard(key)
+            if slot is None or key not in slot.holding:
+                continue
+            slot.holding.discard(key)
             frame = self.frames.get(key)
             if frame is None or not frame.admitted or frame.done_at is not None:
                 continue
@@ -277,7 +292,8 @@ class DispatchCore:
     # -- time --------------------------------------------------------------------------------
 
     def tick(self, now: float) -> tuple[list[str], list[Lost]]:
-        """Declare silent workers lost (their frames re-queued), drop frames that waited too long for
+        """Declare silent workers lost (their frames re-queued), take back frames a live worker never
+        reported done (it never got them: its slot is freed), drop frames that waited too long for
         admission, re-queue results nobody acknowledged, and give up frames too old to re-send.
         Returns (names of workers declared lost, frames lost)."""
         gone = []
@@ -286,6 +302,16 @@ class DispatchCore:
                 del self.workers[peer]
                 self._release(slot, "worker_lost")
                 gone.append(slot.name)
+        stuck_s = self.worker_timeout_s + self.ack_timeout_s
+        for slot in self.workers.values():
+            for key in list(slot.holding):
+                frame = self.frames.get(key)
+                if frame is None:
+                    slot.holding.discard(key)
+                elif now - frame.sent_at > stuck_s:
+                    slot.holding.discard(key)
+                    slot.give(1)
+                    self._requeue(frame, "result_unacknowledged")
         wall = self.wall()
         for camera, queue in self.waiting.items():
             while queue and wall - queue[0].ts > self.max_frame_age_s:
@@ -332,9 +358,11 @@ class DispatchCore:
     # -- scheduling ----------------------------------------------------------------------------
 
     def _free_worker(self) -> tuple[bytes, WorkerSlot] | None:
+        """The worker with a free slot that was sent a frame longest ago: turns go round, so a fast
+        worker cannot starve a slower one that is just as free."""
         best = None
         for peer, slot in self.workers.items():
-            if slot.credits > 0 and (best is None or (slot.credits, -slot.last_sent) > (best[1].credits, -best[1].last_sent)):
+            if slot.credits > 0 and (best is None or slot.last_sent < best[1].last_sent):
                 best = (peer, slot)
         return best
 
@@ -377,6 +405,7 @@ class DispatchCore:
             frame.worker = slot.name
             frame.route = self.leader.route
             frame.done_at = None
+            frame.sent_at = now
             frame.sends += 1
             sends.append((peer, frame))
         return sends

@@ -102,9 +102,8 @@ class Dispatcher:
         topic, h = control(body, self.boundary, FROM_PEERS)
         core = self.core
         if topic == "hello":
-            requeued = core.worker_hello(peer, h["worker"], h["credits"], now)
-            self.log.info("worker %s joined with %d free slot(s)%s", h["worker"], h["credits"],
-                          f"; {len(requeued)} frame(s) of its earlier connection re-sent" if requeued else "")
+            if core.worker_hello(peer, h["worker"], h["credits"], now):
+                self.log.info("worker %s joined with %d free slot(s)", h["worker"], h["credits"])
         elif topic == "beat":
             if not core.worker_beat(peer, now):
                 self.reply(peer, "who", {})
@@ -134,6 +133,9 @@ class Dispatcher:
         elif topic == "stats":
             self.reply(peer, "stats", {"instance": self.instance, "cameras": core.accounting(),
                                        "workers": sorted(s.name for s in core.workers.values()),
+                                       "worker_slots": {s.name: {"credits": s.credits, "holding": len(s.holding),
+                                                                 "heard_ms_ago": round((now - s.heard_at) * 1000)}
+                                                        for s in core.workers.values()},
                                        **self.status_body(now)})
 
     def status_body(self, now: float) -> dict[str, Any]:

@@ -65,6 +65,12 @@ class SequenceTracker:
                 self.max_seq[camera] = entry["max_seq"]
 
 
+class LeadLost(Exception):
+    """This publisher lost the lead while handling a result (fenced, or its lease ran out while it was
+    frozen): the alerts it just stored are taken back unpublished and the frame is not acknowledged,
+    so the leader handles it."""
+
+
 class DoneFrames:
     """Frames whose results were stored, per camera session, so a re-sent frame's second result is
     acknowledged again but not published twice (a bounded window of recent sequence numbers)."""
@@ -242,7 +248,12 @@ class Publisher:
             self.store.add(alert)
             alerts.append(alert)
         if alerts and self.replicate is not None:
-            self.replicate(self.state_document(), alerts)
+            try:
+                self.replicate(self.state_document(), alerts)
+            except LeadLost:
+                for alert in alerts:
+                    self.store.remove(alert["id"])
+                raise
             self._replicated = True
         for alert in alerts:
             name = alert["class"]
@@ -359,7 +370,11 @@ def run_publisher(config: DaemonConfig, stop: StopFlag, backup: bool = False) ->
         link = PublisherLink(ctx, config, backup, publisher.epoch, metrics, publisher.rejections, log)
         publisher.epoch = link.epoch
         if link.pair:
-            publisher.replicate = lambda state, alerts: link.replicate(state, alerts, wait=bool(alerts))
+            def replicate(state: dict[str, Any], alerts: list[dict[str, Any]]) -> None:
+                confirmed = link.replicate(state, alerts, wait=bool(alerts))
+                if alerts and not confirmed and not link.may_publish(time.monotonic()):
+                    raise LeadLost(f"lost the lead (epoch {link.epoch}) before the follower confirmed")
+            publisher.replicate = replicate
         log.info("%s publisher, epoch %d, %s", link.name, link.epoch,
                  "leading" if link.leading else "following until the leader falls silent")
     log.info("publishing on %s; alerts in %s", ", ".join(endpoints), config.state_path / "alerts.sqlite3")
@@ -404,6 +419,9 @@ def run_publisher(config: DaemonConfig, stop: StopFlag, backup: bool = False) ->
                         publisher.handle(publisher.boundary.result(frames), pub)
                 except Rejected as err:
                     publisher.rejections.count("results", err)
+                except LeadLost as err:
+                    metrics.inc("iseg_publisher_unled_results_total")
+                    log.warning("result not published: %s", err)
                 except Exception as err:  # noqa: BLE001 (a result that passed its schema yet fails is skipped, never fatal)
                     publisher.rejections.internal("results", err)
                 if publisher.first_frame_at is not None:

@@ -164,3 +164,29 @@ def hostile_heartbeats(name: str, role: str, pid: int, token: str = "") -> list[
             continue  # optional fields
         out.append((what, [b"heartbeat", encode(broken)]))
     return out
+
+
+def hostile_controls(camera: str = "belt1") -> list[tuple[str, list[bytes]]]:
+    """(what, parts) of dispatch control messages (worker and publisher to dispatcher) a dispatcher must
+    reject: every field of every topic broken, keys missing, unknown keys, bad frame keys."""
+    bad_names = [5, None, ["x"], "x" * 5000]
+    bad_counts = [OVERFLOW, float("nan"), -1, 2 ** 70, 1e20, "7", None, True, [1]]
+    bad_keys = ["x", [[1, 2]], [[camera, "s", -1]], [[camera, 5, 1]], [["x" * 5000, "s", 1]],
+                [[camera, "s", 1]] * 5000, [[camera, "s", 1.5]], [{"camera": camera}]]
+    headers = {"hello": {"worker": "w", "credits": 1}, "beat": {"worker": "w"}, "credit": {"n": 1},
+               "done": {"frames": [[camera, "s", 1]], "credit": 1},
+               "leader": {"publisher": "primary", "epoch": 1, "instance": "i"},
+               "watch": {"publisher": "backup", "epoch": 0}, "ack": {"epoch": 1, "frames": [[camera, "s", 1]]}}
+    kinds = {"worker": bad_names, "publisher": bad_names, "instance": bad_names, "credits": bad_counts,
+             "n": bad_counts, "credit": bad_counts, "epoch": bad_counts, "frames": bad_keys}
+    out: list[tuple[str, list[bytes]]] = [
+        ("one part", [b"hello"]), ("extra part", [b"beat", encode({"worker": "w"}), b"x"]),
+        ("not json", [b"hello", b"{"]), ("deep json", [b"credit", b"[" * 50000]),
+        ("unknown topic", [b"frame.belt1", encode({})]), ("json list", [b"ack", b"[1]"]),
+    ]
+    for topic, header in headers.items():
+        out.append((f"{topic} unknown key", [topic.encode(), encode({**header, "extra": 1})]))
+        fields = {key: kinds[key] for key in header}
+        for what, broken in _mutations(header, fields):
+            out.append((f"{topic} {what}", [topic.encode(), encode(broken)]))
+    return out

@@ -123,3 +123,23 @@ def test_pixel_limit_comes_from_the_config():
                            "cameras": [{"id": "belt1", "source": "synthetic"}]})
     header, payload = good_frame()  # 96 x 128 = 12 288 pixels
     assert rejected(Boundary.from_config(config).frame, [b"frame.belt1", encode(header), payload]).reason == "range"
+
+
+def test_dispatch_control_messages_are_checked_field_by_field():
+    from daemon.dispatcher import FROM_PEERS
+    from daemon.messages import control
+    from tests.hostile_messages import encode, hostile_controls
+
+    boundary = Boundary({"belt1": ("scratch", "dent")})
+    topic, header = control([b"done", encode({"frames": [["belt1", "s", 3], ["elsewhere", "s", 4]], "credit": 2})],
+                            boundary, FROM_PEERS)
+    assert topic == "done" and header == {"frames": [("belt1", "s", 3), ("elsewhere", "s", 4)], "credit": 2}
+    assert control([b"leader", encode({"publisher": "backup", "epoch": 2, "instance": "h:1:ab"})], boundary,
+                   FROM_PEERS)[1]["epoch"] == 2
+    with pytest.raises(Rejected) as err:
+        control([b"lease", encode({})], boundary, FROM_PEERS)
+    assert err.value.reason == "topic"
+    for what, parts in hostile_controls():
+        with pytest.raises(Rejected):
+            control(parts, boundary, FROM_PEERS)
+            pytest.fail(f"accepted: {what}")

@@ -82,12 +82,11 @@ def test_silent_worker_frames_go_to_another_newest_first(setup):
     frame(core, clock, "b", 0)
     held = core.assign(0.0)
     assert len(held) == 3
-    core.worker_hello(b"w2", "w2", 0, 0.0)
+    core.worker_hello(b"w2", "w2", 3, 0.0)
     for t in (1.0, 2.0):
         core.worker_beat(b"w2", t)
     gone, lost = core.tick(2.5)
     assert gone == ["w1"] and lost == []
-    core.worker_credit(b"w2", 3, 2.5)
     clock.now += 0.001
     resent = core.assign(2.5)
     assert {f.key for _, f in resent} == {("a", "s1", 0), ("a", "s1", 1), ("b", "s1", 0)}
@@ -176,4 +175,53 @@ def test_shutdown_records_admitted_frames_as_lost(setup):
     assert [item.reason for item in lost] == ["shutdown"]
     flow = core.accounting()["a"]
     assert (flow["dropped"], flow["lost"], flow["in_flight"]) == (1, 1, 0)
+    balanced(core)
+
+
+def test_frame_a_live_worker_never_reports_is_taken_back_with_its_slot(setup):
+    core, clock = setup
+    core.leader_beat(b"p1", "primary", 1, "i1", 0.0)
+    core.worker_hello(b"w1", "w1", 1, 0.0)
+    frame(core, clock, "a", 0)
+    core.assign(0.0)
+    for t in (1.0, 2.0, 3.0, 4.0, 5.0, 5.5):
+        core.worker_beat(b"w1", t)
+        core.leader_beat(b"p1", "primary", 1, "i1", t)
+    core.tick(5.5)
+    assert core.workers[b"w1"].credits == 1 and core.resend
+    (peer, again), = core.assign(5.6)
+    assert again.key == ("a", "s1", 0) and core.accounting()["a"]["resent"] == 1
+
+
+def test_late_done_from_a_lost_worker_leaves_the_frame_with_its_new_worker(setup):
+    core, clock = setup
+    core.leader_beat(b"p1", "primary", 1, "i1", 0.0)
+    core.worker_hello(b"w1", "w1", 1, 0.0)
+    frame(core, clock, "a", 0)
+    core.assign(0.0)
+    core.worker_hello(b"w2", "w2", 1, 2.5)
+    core.tick(2.5)
+    (peer, moved), = core.assign(2.5)
+    assert peer == b"w2"
+    core.worker_done(b"w1", [moved.key], 2.6)
+    assert moved.worker == "w2" and moved.done_at is None
+    assert core.worker_hello(b"w2", "w2", 1, 2.7) is False and core.workers[b"w2"].credits == 0
+
+
+def test_turns_go_round_and_late_credits_never_inflate_a_share(setup):
+    core, clock = setup
+    core.leader_beat(b"p1", "primary", 1, "i1", 0.0)
+    core.worker_hello(b"w1", "w1", 1, 0.0)
+    core.worker_hello(b"w2", "w2", 1, 0.0)
+    core.worker_credit(b"w1", 5, 0.1)
+    assert core.workers[b"w1"].credits == 1
+    owners = []
+    for seq in range(6):
+        frame(core, clock, "a", seq)
+        (peer, sent), = core.assign(1.0 + seq)
+        owners.append(peer)
+        core.worker_done(peer, [sent.key], 1.5 + seq)
+        core.worker_credit(peer, 1, 1.5 + seq)
+        core.ack([sent.key], 1)
+    assert owners == [b"w1", b"w2"] * 3
     balanced(core)

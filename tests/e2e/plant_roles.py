@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -33,6 +34,8 @@ from netns import Host
 CAMERA = "belt1"
 FRAMES_PORT = 7201
 RESULTS_PORT = 7200
+DISPATCH_PORT = 7202
+PEER_PORT = 7203
 
 
 def write_keys(directory: Path) -> Path:
@@ -43,29 +46,62 @@ def write_keys(directory: Path) -> Path:
     return directory
 
 
-def write_plant_config(path: Path, model_dir: Path, keys: Path, main: Host, fps: float = 6.0, frames_hwm: int = 1,
-                       batch_size: int = 1, changes: dict[str, Any] | None = None) -> Path:
-    """The one config of every host for the bare PUSH/PULL of earlier versions (`dispatch.enabled:
-    false`): one synthetic camera whose capture on `main` serves frames over Curve TCP, the fast
-    tiny-model settings of the e2e tests, per-role state dirs from the environment (see `role_env`);
-    `changes` are deep-merged in."""
-    document: dict[str, Any] = {
+def _document(model_dir: Path, keys: Path, results_host: Host, fps: float, frames_hwm: int,
+              batch_size: int) -> dict[str, Any]:
+    """What every plant config shares: one synthetic camera, the fast tiny-model settings of the e2e
+    tests, per-role state dirs from the environment (see `role_env`), Curve keys, results on
+    `results_host`. Every frame flags `scratch` and every flagged frame alerts (k 1 of 1, no
+    cooldown), so alerts map one to one onto published frames."""
+    return {
         "state_dir": "${ISEG_STATE_DIR}",
         "engine": {"model_dir": str(model_dir), "settings": {"size": 128, "iters": 3, "cluster": False,
                                                              "bg_context": "metal surface, background"}},
         "worker": {"count": 0, "batch_size": batch_size, "max_wait_ms": 30, "torch_threads": 1},
         "cameras": [{"id": CAMERA, "source": "synthetic", "fps": fps, "classes": ["scratch", "dent"],
                      "bg_context": "metal surface, background", "thresholds": {"scratch": 0.0, "dent": 1.0},
-                     "tcp_port": FRAMES_PORT, "synthetic": {"seed": 3, "width": 160, "height": 120}}],
+                     "synthetic": {"seed": 3, "width": 160, "height": 120}}],
         "alerts": {"k": 2, "n": 3, "cooldown_s": 1.0},
         "recorder": {"min_free_mb": 1, "retention_days": 1},
-        "dispatch": {"enabled": False},
         "sockets": {"run_dir": "${ISEG_RUN_DIR}", "frames_hwm": frames_hwm,
-                    "remote": {"host": main.ip, "bind_host": "0.0.0.0", "results_port": RESULTS_PORT,
+                    "remote": {"host": results_host.ip, "bind_host": "0.0.0.0", "results_port": RESULTS_PORT,
                                "server_key": str(keys / "server.key_secret"),
                                "client_key": str(keys / "client.key_secret"),
                                "authorized_clients_dir": str(keys / "authorized")}},
     }
+
+
+def write_plant_config(path: Path, model_dir: Path, keys: Path, main: Host, fps: float = 6.0, frames_hwm: int = 1,
+                       batch_size: int = 1, changes: dict[str, Any] | None = None) -> Path:
+    """The one config of every host for the bare PUSH/PULL of earlier versions (`dispatch.enabled:
+    false`): capture on `main` serves frames over Curve TCP on the camera's tcp_port, the publisher
+    runs on `main` too; `changes` are deep-merged in."""
+    document = _document(model_dir, keys, main, fps, frames_hwm, batch_size)
+    document["cameras"][0]["tcp_port"] = FRAMES_PORT
+    document["dispatch"] = {"enabled": False}
+    path.write_text(yaml.safe_dump(merge(document, changes or {})))
+    return path
+
+
+def camera_ids(count: int) -> list[str]:
+    """belt1, belt2, ... (belt1 is CAMERA)."""
+    return [f"belt{i + 1}" for i in range(count)]
+
+
+def write_dispatch_config(path: Path, model_dir: Path, keys: Path, capture: Host, primary: Host,
+                          backup: Host | None = None, fps: float = 4.0, batch_size: int = 1, cameras: int = 1,
+                          changes: dict[str, Any] | None = None) -> Path:
+    """The one config of every host with credit-based dispatch: `cameras` synthetic cameras, the
+    dispatcher on `capture` (workers and publishers reach it on DISPATCH_PORT), the primary publisher
+    on `primary`, a backup on `backup`. Dispatch and takeover timings are the defaults; `changes` are
+    deep-merged in."""
+    document = _document(model_dir, keys, primary, fps, 1, batch_size)
+    template = document["cameras"][0]
+    document["cameras"] = [{**template, "id": camera, "synthetic": {**template["synthetic"], "seed": 3 + i}}
+                           for i, camera in enumerate(camera_ids(cameras))]
+    document["alerts"] = {"k": 1, "n": 1, "cooldown_s": 0.0}
+    document["dispatch"] = {"port": DISPATCH_PORT, "hosts": [capture.ip]}
+    if backup is not None:
+        document["publisher"] = {"backup_host": backup.ip, "peer_port": PEER_PORT}
     path.write_text(yaml.safe_dump(merge(document, changes or {})))
     return path
 
@@ -100,9 +136,41 @@ def start_capture(host: Host, config: Path, logs: Path, camera: str = CAMERA) ->
     return start_role(host, config, ["capture", "--camera", camera], f"capture-{camera}", logs)
 
 
-def start_publisher(host: Host, config: Path, logs: Path) -> subprocess.Popen:
-    """The publisher role (binds the results PULL, Curve TCP on sockets.remote.results_port)."""
-    return start_role(host, config, ["publish"], "publisher", logs)
+def start_publisher(host: Host, config: Path, logs: Path, backup: bool = False) -> subprocess.Popen:
+    """The publisher role (binds the results PULL, Curve TCP on sockets.remote.results_port); `backup`:
+    the backup of a publisher pair."""
+    return start_role(host, config, ["publish", "--backup"] if backup else ["publish"], "publisher", logs)
+
+
+def start_dispatcher(host: Host, config: Path, logs: Path) -> subprocess.Popen:
+    """The capture host's dispatcher (intake over ipc, ROUTER on DISPATCH_PORT)."""
+    return start_role(host, config, ["dispatch"], "dispatch", logs)
+
+
+def dispatcher_stats(ctx: zmq.Context, host: Host, timeout_ms: int = 3000) -> dict[str, Any]:
+    """The dispatcher's accounting, asked over its ipc socket (what `iseg dispatch stats` prints); the
+    identity captured = dropped + published + lost + in_flight is checked on every read."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"ipc://{run_dir(host)}/dispatch.sock")
+        sock.send_multipart([b"stats", b"{}"])
+        assert sock.poll(timeout_ms), f"the dispatcher on {host.name} did not answer within {timeout_ms} ms"
+        stats = json.loads(sock.recv_multipart()[1])
+    finally:
+        sock.close(0)
+    for camera, flow in stats["cameras"].items():
+        assert flow["captured"] == flow["dropped"] + flow["published"] + flow["lost"] + flow["in_flight"], (camera, flow)
+    return stats
+
+
+def stored_alerts(host: Host) -> list[dict[str, Any]]:
+    """Every alert in the publisher's store on `host` (its state dir is `publisher`)."""
+    path = host.home / "publisher" / "alerts.sqlite3"
+    if not path.exists():
+        return []
+    with sqlite3.connect(path) as db:
+        return [json.loads(body) for (body,) in db.execute("SELECT body FROM alerts ORDER BY id")]
 
 
 def start_remote_worker(host: Host, config: Path, name: str, logs: Path) -> subprocess.Popen:
@@ -392,3 +460,80 @@ def measure_fault(inject: Callable[[], None], recover: Callable[[], None], *, ma
         "recovered_at": recovered_at,
         "failover_s": failover_s(frames, (first, last), fault_start, faulted_worker, dropped, late_s),
     }
+
+
+def measure_dispatch_fault(ctx: zmq.Context, inject: Callable[[], None], recover: Callable[[], None], *,
+                           capture_host: Host, main: Heartbeats, overlays: dict[str, list[Overlays]],
+                           faulted_worker: str, fault_s: float = 3.0, lead_s: float = 1.0, settle_s: float = 3.0,
+                           late_s: float = 1.5, quiet_s: float = 8.0) -> dict[str, Any]:
+    """`measure_fault` for credit-based dispatch and any number of cameras (`overlays`: camera -> its
+    subscribers on every publisher). The dispatcher does the accounting, so a camera's figures are
+    differences of its counters over the fault (read with the identity checked every 0.25 s
+    throughout), and frames published by either publisher count; each window's frames are awaited
+    (at most `quiet_s`) until published or dropped at admission. Per camera, `failover_s` as in
+    `failover_s` over its capture sequence window, with the dispatcher's drops at admission as the
+    allowance, and `first_after_s`: the fault's start to the camera's first frame captured after it
+    and published. The top level sums the counts and takes the worst camera's times (None when a
+    camera never recovered)."""
+    cameras = list(overlays)
+
+    def flows() -> dict[str, Any]:
+        return dispatcher_stats(ctx, capture_host)["cameras"]
+
+    def watch(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            flows()
+            time.sleep(0.25)
+
+    def window_frames(camera: str, first: int, last: int) -> list[Published]:
+        return sorted((f for o in overlays[camera] for f in o.snapshot() if first <= f.seq < last),
+                      key=lambda f: f.published_ts)
+
+    starts = {camera: main.next(f"capture.{camera}") for camera in cameras}
+    before = flows()
+    watch(lead_s)
+    fault_start = time.time()
+    inject()
+    watch(fault_s)
+    recover()
+    recovered_at = time.time()
+    watch(settle_s)
+    ends = {camera: main.next(f"capture.{camera}") for camera in cameras}
+    windows = {camera: (starts[camera]["state"]["seq"], ends[camera]["state"]["seq"]) for camera in cameras}
+    deadline = time.monotonic() + quiet_s
+    while time.monotonic() < deadline:
+        now_flows = flows()
+        if all(len({f.seq for f in window_frames(camera, *windows[camera])})
+               + now_flows[camera]["dropped"] - before[camera]["dropped"] >= windows[camera][1] - windows[camera][0]
+               for camera in cameras):
+            break
+        time.sleep(0.2)
+    after = flows()
+    per_camera = {}
+    for camera in cameras:
+        first, last = windows[camera]
+        frames = window_frames(camera, first, last)
+        delta = {key: after[camera][key] - before[camera][key]
+                 for key in ("captured", "dropped", "published", "resent", "lost")}
+        after_fault = [f for f in frames if f.capture_ts >= fault_start]
+        per_camera[camera] = {
+            "seq_range": [first, last], **delta,
+            "lost_reasons": {reason: count - before[camera]["lost_reasons"].get(reason, 0)
+                             for reason, count in after[camera]["lost_reasons"].items()},
+            "in_flight": after[camera]["in_flight"],
+            "by_faulted_worker": sum(1 for f in frames if f.worker == faulted_worker),
+            "max_latency_s": max((f.published_ts - f.capture_ts for f in frames), default=None),
+            "first_after_s": (min(f.published_ts for f in after_fault) - fault_start) if after_fault else None,
+            "failover_s": failover_s(frames, (first, last), fault_start, faulted_worker, delta["dropped"], late_s),
+        }
+
+    def worst(key: str) -> float | None:
+        values = [c[key] for c in per_camera.values()]
+        return None if any(v is None for v in values) else max(values)
+
+    return {**{key: sum(c[key] for c in per_camera.values())
+               for key in ("captured", "dropped", "published", "resent", "lost", "in_flight", "by_faulted_worker")},
+            "first_after_s": worst("first_after_s"), "failover_s": worst("failover_s"),
+            "max_latency_s": worst("max_latency_s"), "fault_start": fault_start, "recovered_at": recovered_at,
+            "cameras": per_camera}

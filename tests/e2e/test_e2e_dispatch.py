@@ -127,3 +127,36 @@ def test_dispatch_stats_command_prints_the_accounting(dispatch_daemon):
                           cwd=REPO, capture_output=True, text=True, timeout=30)
     assert "belt1" in text.stdout and "in flight" in text.stdout
     assert daemon.terminate() == 0
+
+
+def test_hostile_frames_and_control_messages_cannot_hurt_the_dispatcher(dispatch_daemon):
+    import zmq
+
+    from tests.hostile_messages import hostile_controls, hostile_frames
+
+    daemon = dispatch_daemon
+    frames, controls = hostile_frames(), hostile_controls()
+    ctx = zmq.Context()
+    intake = ctx.socket(zmq.PUSH)
+    intake.connect(f"ipc://{daemon.state}/run/intake.sock")
+    peer = ctx.socket(zmq.DEALER)
+    peer.connect(f"ipc://{daemon.state}/run/dispatch.sock")
+    try:
+        for _, parts in frames:
+            intake.send_multipart(parts)
+        for _, parts in controls:
+            peer.send_multipart(parts)
+        expected = len(frames) + len(controls)
+        stats = daemon.wait_for(lambda s: sum(s["roles"]["dispatch"]["rejected"].values()) >= expected, 60,
+                                "every hostile message counted")
+        assert stats["roles"]["dispatch"]["restarts"] == 0 and stats["roles"]["dispatch"]["up"]
+        assert sum(stats["roles"]["dispatch"]["rejected"].values()) == expected, stats["roles"]["dispatch"]["rejected"]
+        assert not peer.poll(500), "the dispatcher answered a hostile message"
+        before = flow_of(stats)["published"]
+        final = flow_of(daemon.wait_for(lambda s: flow_of(s)["published"] > before + 3, 60, "frames still published"))
+        assert final["lost"] == 0, final
+    finally:
+        intake.close(0)
+        peer.close(0)
+        ctx.term()
+    assert daemon.terminate() == 0
