@@ -68,6 +68,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def wait_for_every_worker(subscribers: list[Overlays], names: list[str], timeout: float = 180.0) -> None:
+    """Until every worker has published frames (of any camera: turns may pair a camera with a worker)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen: set[str] = set()
+        for sub in subscribers:
+            seen.update(sub.per_worker())
+        if set(names) <= seen:
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"not every worker published within {timeout:g}s: saw {sorted(seen)} of {names}")
+
+
 class Report:
     """The JSON document, written after every section."""
 
@@ -113,8 +126,7 @@ def run_faults(args: argparse.Namespace, report: Report, model: Path, work: Path
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and sorted(dispatcher_stats(ctx, capture)["workers"]) != sorted(names):
             time.sleep(1)
-        for camera in cameras:
-            overlays[camera][0].wait_for_workers(names[:1], 2, timeout=120, alive=lambda: "")
+        wait_for_every_worker([o for pair in overlays.values() for o in pair], names)
         victim = gpus[0]
 
         def restart_worker() -> None:
@@ -209,7 +221,7 @@ def run_steady(args: argparse.Namespace, report: Report, model: Path, work: Path
         for name, host in zip(names, gpus):
             roles[name] = start_remote_worker(host, config, name, logs)
         say(f"steady state, {mode}: waiting for every worker")
-        subs[0].wait_for_workers(names, 2, timeout=180, alive=lambda: "")
+        wait_for_every_worker(subs, names)
         time.sleep(args.warmup_s)
         started = time.time()
         cpu0 = cpu_seconds(roles["dispatch"].pid) if dispatch else None  # `ip netns exec` execs the role
@@ -243,7 +255,7 @@ def main() -> int:
     parser.add_argument("--cameras", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--fps", type=float, default=2.0, help="frames per second per camera in the fault runs")
-    parser.add_argument("--steady-fps", type=float, default=10.0,
+    parser.add_argument("--steady-fps", type=float, default=40.0,
                         help="frames per second per camera in the steady runs (above what the workers take)")
     parser.add_argument("--fault-s", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3)
@@ -251,17 +263,22 @@ def main() -> int:
     parser.add_argument("--steady-s", type=float, default=20.0)
     parser.add_argument("--warmup-s", type=float, default=5.0)
     parser.add_argument("--model", type=Path, default=TINY_MODEL)
-    parser.add_argument("--work", type=Path, default=REPO / "out" / "bench_plant")
+    parser.add_argument("--work", type=Path, default=REPO / "out" / "bench_plant",
+                        help="a fresh folder per run is made in here")
     parser.add_argument("--skip-steady", action="store_true")
+    parser.add_argument("--skip-faults", action="store_true")
     args = parser.parse_args()
     reason = missing_requirements()
     if reason:
         print(f"error: {reason}", file=sys.stderr)
         return 1
-    args.work.mkdir(parents=True, exist_ok=True)
+    args.work = args.work / time.strftime("%Y%m%d-%H%M%S")
+    args.work.mkdir(parents=True)
+    say(f"configs, keys and role logs in {args.work}")
     model = ensure_model(args.model)
     report = Report(args.json, args)
-    run_faults(args, report, model, args.work)
+    if not args.skip_faults:
+        run_faults(args, report, model, args.work)
     if not args.skip_steady:
         run_steady(args, report, model, args.work, dispatch=False)
         run_steady(args, report, model, args.work, dispatch=True)

@@ -123,7 +123,10 @@ def test_demo_flow_subscribers_replay_and_sigterm(make_config, start_daemon, tmp
 
     final = json.loads((daemon.state / "last_stats.json").read_text())["cameras"]["belt1"]
     assert final["published"] >= 20
-    assert final["captured"] == final["published"] + final.get("published_failed", 0) + final.get("dropped", 0), final
+    # The dispatcher's accounting after a clean stop: every frame published (failed ones included) or
+    # dropped at admission, none lost, none left in flight.
+    assert final["lost"] == 0 and final["in_flight"] == 0, final
+    assert final["captured"] == final["published"] + final["dropped"], final
 
     recordings = daemon.state / "recordings"
     assert not any((recordings / ".tmp").iterdir()) if (recordings / ".tmp").exists() else True
