@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -45,8 +45,6 @@ class Link:
     sock: zmq.Socket
     endpoint: str
     instance: str = ""
-    holding: int = 0
-    heard_at: float = field(default_factory=time.monotonic)
     hello_at: float = 0.0
 
 
@@ -112,8 +110,8 @@ class DispatchClient:
             pass
 
     def hello(self, link: Link) -> None:
-        """(Re)register with a dispatcher, offering every slot not taken by its frames."""
-        link.holding = 0
+        """(Re)register with a dispatcher, offering all this worker's slots (the dispatcher subtracts the
+        frames it knows are on their way here)."""
         link.hello_at = time.monotonic()
         self._send(link, "hello", {"worker": self.name, "credits": self.window})
 
@@ -133,10 +131,8 @@ class DispatchClient:
 
     def _take(self, index: int, frames: list[Any]) -> None:
         link = self.links[index]
-        link.heard_at = time.monotonic()
         topic = bytes(frames[0].buffer if isinstance(frames[0], zmq.Frame) else frames[0])
         if topic.startswith(b"frame."):
-            link.holding += 1
             self.inbox.append((index, frames))
             return
         try:
@@ -188,7 +184,6 @@ class DispatchClient:
         except (ValueError, Rejected):
             self.last_route = None
         if self.last_route is None:
-            self.links[index].holding -= 1
             self._send(self.links[index], "credit", {"n": 1})
         return frames
 
@@ -210,16 +205,12 @@ class DispatchClient:
         for route in routes:
             by_link.setdefault(route.link, []).append(list(route.key))
         for index, keys in by_link.items():
-            link = self.links[index]
-            link.holding = max(0, link.holding - len(keys))
-            self._send(link, "done", {"frames": keys, "credit": len(keys)})
+            self._send(self.links[index], "done", {"frames": keys, "credit": len(keys)})
 
     def rejected(self, route: Route | None) -> None:
         """A frame that failed its schema still frees its slot."""
         if route is not None:
-            link = self.links[route.link]
-            link.holding = max(0, link.holding - 1)
-            self._send(link, "credit", {"n": 1})
+            self._send(self.links[route.link], "credit", {"n": 1})
 
     def close(self) -> None:
         """Close every socket (results linger briefly so sent results still leave)."""

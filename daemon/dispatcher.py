@@ -28,7 +28,7 @@ from daemon.messages import Boundary, Rejected, Rejections, control
 from daemon.metrics import Registry
 from daemon.role import Heartbeat, StopFlag
 from daemon.security import bind_curve_server, stop_authenticators
-from daemon.wire import encode_header, send
+from daemon.wire import encode_header
 
 INTAKE_BURST = 64
 FROM_PEERS = ("hello", "beat", "credit", "done", "leader", "watch", "ack", "stats")

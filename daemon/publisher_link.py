@@ -29,8 +29,8 @@ no_publisher); with an odd number of capture hosts one side always can.
 from __future__ import annotations
 
 import logging
-import secrets
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -57,8 +57,6 @@ class DispatcherLink:
     confirmed_at: float = 0.0
     answered_at: float = 0.0
     leader_age_s: float | None = None
-    leader: str = ""
-    epoch: int = 0
 
 
 def _parity_epoch(above: int, backup: bool) -> int:
@@ -94,7 +92,6 @@ class PublisherLink:
         self.links: list[DispatcherLink] = []
         self.peer_in: zmq.Socket | None = None
         self.peer_out: zmq.Socket | None = None
-        self.peer_heard_at = 0.0
         self.repl_seq = 0
         self.confirmed_seq = 0
         self.peer_confirms = False
@@ -228,8 +225,6 @@ class PublisherLink:
         topic, h = control(frames, self.boundary, FROM_DISPATCHER)
         link.answered_at = now
         link.leader_age_s = None if h["leader_age_ms"] is None else h["leader_age_ms"] / 1000
-        link.leader = h["leader"]
-        link.epoch = h["epoch"]
         self.max_epoch = max(self.max_epoch, h["epoch"])
         if topic == "lease" and h["epoch"] == self.epoch and h["leader"] == self.name:
             link.confirmed_at = now
@@ -239,7 +234,6 @@ class PublisherLink:
 
     def _from_peer(self, frames: list[Any], now: float, apply: Any) -> None:
         topic, h = control(frames, self.boundary, FROM_PEER)
-        self.peer_heard_at = now
         self.max_epoch = max(self.max_epoch, h["epoch"])
         if topic == "pbeat":
             if h["leading"] and self.leading and h["epoch"] > self.epoch:

@@ -82,7 +82,7 @@ def test_worker_faults_lose_nothing_and_fail_over_fast(plant, tiny_model, tmp_pa
         for name, (inject, recover) in faults.items():
             results[name] = measure_dispatch_fault(ctx, inject, recover, capture_host=capture, main=readers["cap"],
                                                    overlays={CAMERA: [overlays]}, faulted_worker="gpu1.0",
-                                                   fault_s=FAULT_S)
+                                                   fault_s=FAULT_S, lead_s=0.5, settle_s=2.0)
             overlays.wait_for_workers(["gpu1.0", "gpu2.0"], 2, timeout=60, alive=alive, since=time.time())
         final = drain(ctx, capture, roles)
         time.sleep(1.5)
@@ -103,8 +103,6 @@ def test_worker_faults_lose_nothing_and_fail_over_fast(plant, tiny_model, tmp_pa
         assert result["published"] > 0, result
         assert result["failover_s"] is not None and result["failover_s"] <= FAILOVER_LIMIT_S, \
             f"{name}: the camera was not whole and on time within {FAILOVER_LIMIT_S}s: {result}"
-    for name in ("freeze", "blackhole", "freeze_then_replace", "blackhole_then_reboot", "partition"):
-        assert results[name]["resent"] > 0 or results[name]["by_faulted_worker"] == 0, results[name]
     final = results["final"]
     assert final["lost"] == 0 and final["captured"] == final["dropped"] + final["published"], final
     assert final["gaps"] - final["late"] == 0, f"the publisher saw a gap: {final}"
@@ -158,7 +156,8 @@ def test_publisher_pair_fails_over_and_fences_without_split_brain(plant, tiny_mo
         assert leader() == ("primary", 3), "the primary did not take the lead back from the killed backup"
         final = drain(ctx, capture, roles)
         time.sleep(1.5)
-        results["final"] = final
+        results["final"] = {**final, **{key: readers["pub1"].counter("publisher", f"iseg_publisher_{key}_frames_total",
+                                                                      camera=CAMERA) for key in ("gap", "late")}}
         (tmp_path / "dispatch-publisher-faults.json").write_text(json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))
     finally:
@@ -175,6 +174,7 @@ def test_publisher_pair_fails_over_and_fences_without_split_brain(plant, tiny_mo
             f"{name}: the camera was not whole and on time within {FAILOVER_LIMIT_S}s: {result}"
     final = results["final"]
     assert final["lost"] == 0 and final["captured"] == final["dropped"] + final["published"], final
+    assert final["gap"] - final["late"] == 0, f"the leading publisher saw a gap: {final}"
     leader_store, other_store = stored_alerts(primary), stored_alerts(backup)
     assert_alerts_once([leader_store, other_store], leader_store, final["published"])
     published_order = [a["published_ts"] for a in leader_store]

@@ -157,13 +157,15 @@ def test_prometheus_scrapes_the_daemon(make_config, start_daemon, tmp_path):
             before = daemon.stats()["cameras"]["belt1"]
             at = prometheus.value('timestamp(iseg_publisher_frames_total{camera="belt1"})')
             seen = {key: prometheus.value(expr, at) for key, expr in (
-                ("published", 'iseg_publisher_frames_total{camera="belt1"}'),
-                ("captured", 'iseg_capture_frames_total{camera="belt1"}'),
+                ("published", 'iseg_dispatch_published_frames_total{camera="belt1"}'),
+                ("captured", 'iseg_dispatch_captured_frames_total{camera="belt1"}'),
+                ("publisher_frames", 'iseg_publisher_frames_total{camera="belt1"}'),
+                ("capture_read", 'iseg_capture_frames_total{camera="belt1"}'),
                 ("fps", 'iseg_capture_frames_per_second{camera="belt1"}'),
                 ("latency_ms_p50", 'histogram_quantile(0.5, iseg_capture_to_publish_seconds_bucket{camera="belt1"}) * 1000'),
                 ("latency_ms_p99", 'histogram_quantile(0.99, iseg_capture_to_publish_seconds_bucket{camera="belt1"}) * 1000'))}
             after = daemon.stats()["cameras"]["belt1"]
-            keys = ("published", "captured", "fps")
+            keys = ("published", "captured", "publisher_frames", "capture_read", "fps")
             if all(before[k] == after[k] == seen[k] for k in keys):
                 break
             assert time.monotonic() < deadline, f"never caught the same snapshot: {before} {seen} {after}"
