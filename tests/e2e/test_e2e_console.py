@@ -190,7 +190,11 @@ def test_live_wall_moves_and_every_page_renders_without_errors(console, browser)
         page.goto("/health")
         page.wait_for_selector("#roles tbody tr")
         roles = page.locator("#roles tbody td:first-child").all_inner_texts()
-        assert {"publisher", "recorder", "console", "worker.0", "capture.belt1"} <= set(roles), roles
+        assert {"publisher", "recorder", "console", "dispatch", "worker.0", "capture.belt1"} <= set(roles), roles
+        headers = page.locator("#flow thead th").all_inner_texts()
+        assert {"Re-sent", "Lost", "In flight"} <= set(headers), headers
+        lost = page.locator("#flow tbody tr td.lost").first
+        assert lost.inner_text() == "0" and lost.get_attribute("title") == "none lost"
         page.screenshot(path=str(console.shots / "health.png"))
         assert not tab.errors, tab.errors
     finally:

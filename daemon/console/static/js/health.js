@@ -11,8 +11,9 @@ export async function render(root) {
     el("section", { class: "card" }, el("h2", {}, "Roles"), el("table", { id: "roles" },
       el("thead", {}, el("tr", {}, ["Role", "Up", "PID", "Restarts", "Heartbeat age (s)", "State"].map((h) => el("th", {}, h)))), roles)),
     el("section", { class: "card" }, el("h2", {}, "Cameras"), el("table", { id: "flow" },
-      el("thead", {}, el("tr", {}, ["Camera", "Captured", "Dropped", "Processed", "Published", "Gaps", "Alerts",
-        "Latency p50 / p99 (ms)", "Batch p50 / p99 (ms)", "GPU memory (MB)"].map((h) => el("th", {}, h)))), cams)),
+      el("thead", {}, el("tr", {}, ["Camera", "Captured", "Dropped", "Processed", "Published", "Re-sent", "Lost",
+        "In flight", "Gaps", "Alerts", "Latency p50 / p99 (ms)", "Batch p50 / p99 (ms)", "GPU memory (MB)"]
+        .map((h) => el("th", {}, h)))), cams)),
     own);
 
   async function refresh() {
@@ -22,9 +23,13 @@ export async function render(root) {
       el("td", {}, fmt(r.heartbeat_age_s, 1)),
       el("td", { class: "state" }, Object.entries(r.state || {}).filter(([k]) => !k.endsWith("_at")).map(([k, v]) => `${k}=${typeof v === "number" ? fmt(v, 1) : v}`).join(" ")))));
     const gpu = Object.values(stats.roles || {}).map((r) => r.state?.gpu_memory_mb).filter((v) => typeof v === "number");
-    cams.replaceChildren(...Object.entries(stats.cameras || {}).map(([id, c]) => el("tr", {},
+    // Lost: frames a worker had taken that ended with no result (the reasons show on hover).
+    const reasons = (c) => Object.entries(c.lost_reasons || {}).filter(([, n]) => n).map(([r, n]) => `${n} ${r}`).join(", ");
+    cams.replaceChildren(...Object.entries(stats.cameras || {}).map(([id, c]) => el("tr", { class: c.lost ? "down" : "" },
       el("td", {}, id), el("td", {}, fmt(c.captured)), el("td", {}, fmt(c.dropped)), el("td", {}, fmt(c.processed)),
-      el("td", {}, fmt(c.published)), el("td", {}, fmt(c.gaps)), el("td", {}, fmt(c.alerts)),
+      el("td", {}, fmt(c.published)), el("td", {}, fmt(c.resent)),
+      el("td", { class: "lost", title: reasons(c) || "none lost" }, fmt(c.lost)), el("td", {}, fmt(c.in_flight)),
+      el("td", {}, fmt(c.gaps)), el("td", {}, fmt(c.alerts)),
       el("td", {}, `${fmt(c.latency_ms_p50)} / ${fmt(c.latency_ms_p99)}`),
       el("td", {}, `${fmt(c.inference_ms_p50)} / ${fmt(c.inference_ms_p99)}`),
       el("td", {}, gpu.length ? gpu.map((v) => fmt(v)).join(", ") : "CPU"))));
