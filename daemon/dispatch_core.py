@@ -23,10 +23,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-LOST_REASONS = ("worker_lost", "result_unacknowledged", "no_publisher", "shutdown")
+LOST_REASONS = ("worker_lost", "result_unacknowledged", "no_publisher", "shutdown", "dispatcher_lost")
 """Why an admitted frame was lost: its worker died and it was too old to re-send; its result was never
 acknowledged although the publisher was alive; no publisher was alive to take it in time; the
-dispatcher stopped with it in flight. A fixed set: it is a metric label."""
+dispatcher stopped with it in flight; the dispatcher died with it (counted by the supervisor from
+the dead dispatcher's last heartbeat). A fixed set: it is a metric label."""
 
 Key = tuple[str, str, int]
 """A frame's identity across hosts and restarts: (camera, capture session, sequence number)."""

@@ -103,6 +103,11 @@ def _key(labels: dict[str, str]) -> str:
     return ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(labels.items()))
 
 
+def render_labels(labels: dict[str, str]) -> str:
+    """The series key a Registry uses for these labels (sorted, escaped), for code that edits snapshots."""
+    return _key(labels)
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 

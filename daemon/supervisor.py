@@ -39,7 +39,7 @@ from daemon.config import DaemonConfig
 from daemon.health import HealthServer, json_body
 from daemon.linestats import api as linestats_api
 from daemon.messages import MAX_HEARTBEAT_BYTES, Rejected, Rejections, heartbeat
-from daemon.metrics import Registry, merge, parse_labels, quantile_from_histogram, render_prometheus
+from daemon.metrics import Registry, merge, parse_labels, quantile_from_histogram, render_labels, render_prometheus
 from daemon.model_setup import ensure_model
 from daemon.role import EX_CONFIG, StopFlag
 from daemon.sdnotify import Notifier
@@ -146,8 +146,18 @@ class Supervisor:
 
     @staticmethod
     def _counters_of(beat: dict[str, Any]) -> dict[str, Any]:
+        """What outlives an instance: its counters and histograms. A dispatcher's frames in flight at
+        its last heartbeat died with it: they count as lost, reason dispatcher_lost, so a camera's
+        captured = dropped + published + lost + in_flight still holds across its restart."""
         snapshot = beat.get("metrics", {})
-        return {"counters": snapshot.get("counters", {}), "histograms": snapshot.get("histograms", {})}
+        counters = {name: dict(series) for name, series in snapshot.get("counters", {}).items()}
+        if beat.get("role") == "dispatch":
+            lost = counters.setdefault("iseg_dispatch_lost_frames_total", {})
+            for labels, value in snapshot.get("gauges", {}).get("iseg_dispatch_in_flight_frames", {}).items():
+                camera = parse_labels(labels).get("camera", "")
+                key = render_labels({"camera": camera, "reason": "dispatcher_lost"})
+                lost[key] = lost.get(key, 0.0) + value
+        return {"counters": counters, "histograms": snapshot.get("histograms", {})}
 
     def _schedule_restart(self, role: RoleProcess, reason: str) -> None:
         now = time.time()
@@ -354,6 +364,8 @@ class Supervisor:
                 flow["lost_reasons"][reason] = flow["lost_reasons"].get(reason, 0) + int(value)
         for camera, flow in flows.items():
             if "captured" in flow:
+                for key in names.values():
+                    flow.setdefault(key, 0)
                 cameras[camera]["capture_read"] = cameras[camera].get("captured", 0)
                 cameras[camera]["publisher_frames"] = cameras[camera].get("published", 0)
                 cameras[camera].update(flow)

@@ -225,3 +225,18 @@ def test_turns_go_round_and_late_credits_never_inflate_a_share(setup):
         core.ack([sent.key], 1)
     assert owners == [b"w1", b"w2"] * 3
     balanced(core)
+
+
+def test_a_dead_dispatchers_frames_in_flight_count_as_lost():
+    from daemon.supervisor import Supervisor
+
+    beat = {"role": "dispatch", "metrics": {
+        "counters": {"iseg_dispatch_captured_frames_total": {'camera="a"': 10.0},
+                     "iseg_dispatch_lost_frames_total": {'camera="a",reason="worker_lost"': 1.0}},
+        "gauges": {"iseg_dispatch_in_flight_frames": {'camera="a"': 3.0}}, "histograms": {}}}
+    kept = Supervisor._counters_of(beat)
+    assert kept["counters"]["iseg_dispatch_lost_frames_total"] == {'camera="a",reason="worker_lost"': 1.0,
+                                                                   'camera="a",reason="dispatcher_lost"': 3.0}
+    assert beat["metrics"]["counters"]["iseg_dispatch_lost_frames_total"] == {'camera="a",reason="worker_lost"': 1.0}
+    worker = {"role": "worker", "metrics": beat["metrics"]}
+    assert "reason=\"dispatcher_lost\"" not in str(Supervisor._counters_of(worker)["counters"])

@@ -97,7 +97,7 @@ def test_frozen_and_killed_worker_lose_nothing(dispatch_daemon):
     assert last["lost_reasons"].get("worker_lost", 0) == 0, last
 
 
-def test_killed_publisher_restarts_without_loss_or_duplicate_alerts(dispatch_daemon):
+def test_killed_publisher_and_dispatcher_recover_without_duplicate_alerts(dispatch_daemon):
     daemon = dispatch_daemon
     watch(daemon, 3)
     before = alerts_once(daemon.state)
@@ -111,6 +111,15 @@ def test_killed_publisher_restarts_without_loss_or_duplicate_alerts(dispatch_dae
     assert alerts_once(daemon.state) > before
     ids = [row[0] for row in sqlite3.connect(daemon.state / "alerts.sqlite3").execute("SELECT id FROM alerts ORDER BY id")]
     assert ids == sorted(set(ids))
+
+    # The dispatcher itself dies: what it held counts as lost (dispatcher_lost), the identity still
+    # holds, and workers and publisher find its successor on their own.
+    published = final["published"]
+    pid = role_pid(daemon, "dispatch")
+    os.kill(pid, signal.SIGKILL)
+    after = flow_of(daemon.wait_for(lambda s: s["roles"]["dispatch"]["pid"] not in (None, pid)
+                                    and flow_of(s)["published"] > published + 3, 90, "frames flowing again"))
+    assert set(after["lost_reasons"]) >= {"dispatcher_lost"} and after["lost"] == after["lost_reasons"]["dispatcher_lost"]
     assert daemon.terminate() == 0
 
 
