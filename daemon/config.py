@@ -535,6 +535,12 @@ class DaemonConfig(Section):
             return self.dispatch.hosts
         return (self.sockets.remote.host,) if self.sockets.remote is not None else ()
 
+    def dispatcher_endpoints(self, remote: bool) -> list[str]:
+        """Every capture host's dispatcher over TCP (`remote`), else this host's over ipc."""
+        if remote:
+            return [f"tcp://{host}:{self.dispatch.port}" for host in self.dispatch_hosts]
+        return [self.endpoint("dispatch")]
+
     def threshold(self, camera: CameraConfig, class_name: str) -> float:
         """The config's threshold for one class (a calibrated one may replace it in the worker)."""
         return camera.thresholds.get(class_name, self.alerts.default_threshold)

@@ -21,7 +21,7 @@ import zmq
 
 from daemon.config import DaemonConfig
 from daemon.messages import Boundary, Rejected, Rejections, _int, _str, control
-from daemon.security import connect_curve_client
+from daemon.security import connect_endpoint
 from daemon.wire import encode_header
 
 FROM_DISPATCHER = ("dbeat", "who")
@@ -66,19 +66,12 @@ class DispatchClient:
         self.last_route: Route | None = None
         self.next_beat = 0.0
         self.poller = zmq.Poller()
-        endpoints = ([config.endpoint("dispatch")] if not remote else
-                     [f"tcp://{host}:{config.dispatch.port}" for host in config.dispatch_hosts])
-        for endpoint in endpoints:
+        for endpoint in config.dispatcher_endpoints(remote):
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, max(16, window * 4))
             sock.setsockopt(zmq.MAXMSGSIZE, config.limits.max_image_pixels * 3 + 65536)
-            if remote:
-                host, port = endpoint[len("tcp://"):].rsplit(":", 1)
-                connect_curve_client(sock, config, int(port), host=host)
-            else:
-                sock.connect(endpoint)
-            self.links.append(Link(sock, endpoint))
+            self.links.append(Link(sock, connect_endpoint(sock, config, endpoint)))
             self.poller.register(sock, zmq.POLLIN)
         publishers = {"primary": config.endpoint("results")}
         if remote:
@@ -91,11 +84,7 @@ class DispatchClient:
             sock = ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.SNDHWM, config.sockets.results_hwm)
             sock.setsockopt(zmq.LINGER, 2000)
-            if remote:
-                host, port = endpoint[len("tcp://"):].rsplit(":", 1)
-                connect_curve_client(sock, config, int(port), host=host)
-            else:
-                sock.connect(endpoint)
+            connect_endpoint(sock, config, endpoint)
             self.results[publisher] = sock
 
     @property

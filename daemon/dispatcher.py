@@ -18,7 +18,7 @@ import logging
 import os
 import secrets
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -96,8 +96,23 @@ class Dispatcher:
         frame = self.boundary.frame(frames)
         self.core.intake(frame.camera, frame.session, frame.seq, frame.ts, frames)
 
+    def read(self, sock: zmq.Socket, name: str, take: Callable[[list[Any]], None]) -> None:
+        """Take up to INTAKE_BURST queued messages from a socket; a message that fails its schema is
+        counted under the socket's name and skipped."""
+        for _ in range(INTAKE_BURST):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                take(frames)
+            except Rejected as err:
+                self.rejections.count(name, err)
+
     def take_peer(self, frames: list[Any], now: float) -> None:
         """One control message from a worker, a publisher or a local tool."""
+        if len(frames) < 2:
+            raise Rejected("parts", "a peer message needs an identity and a topic")
         peer, body = bytes(frames[0].bytes if isinstance(frames[0], zmq.Frame) else frames[0]), frames[1:]
         topic, h = control(body, self.boundary, FROM_PEERS)
         core = self.core
@@ -257,27 +272,9 @@ def run_dispatcher(config: DaemonConfig, stop: StopFlag) -> int:
             events = dict(poller.poll(50))
             now = time.monotonic()
             if intake in events:
-                for _ in range(INTAKE_BURST):
-                    try:
-                        frames = intake.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    try:
-                        dispatcher.take_frame(frames)
-                    except Rejected as err:
-                        dispatcher.rejections.count("intake", err)
+                dispatcher.read(intake, "intake", dispatcher.take_frame)
             if router in events:
-                for _ in range(INTAKE_BURST):
-                    try:
-                        frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    try:
-                        if len(frames) < 2:
-                            raise Rejected("parts", "a peer message needs an identity and a topic")
-                        dispatcher.take_peer(frames, now)
-                    except Rejected as err:
-                        dispatcher.rejections.count("dispatch", err)
+                dispatcher.read(router, "dispatch", lambda frames: dispatcher.take_peer(frames, now))
             dispatcher.pump(now)
             dispatcher.housekeeping(now)
             heartbeat.progress()

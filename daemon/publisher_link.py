@@ -40,7 +40,7 @@ import zmq
 from daemon.config import DaemonConfig
 from daemon.messages import Boundary, Rejected, Rejections, control
 from daemon.metrics import Registry
-from daemon.security import bind_curve_server, connect_curve_client
+from daemon.security import bind_curve_server, connect_curve_client, connect_endpoint
 from daemon.wire import encode_header
 
 FROM_DISPATCHER = ("lease", "fenced", "status")
@@ -95,20 +95,12 @@ class PublisherLink:
         self.repl_seq = 0
         self.confirmed_seq = 0
         self.peer_confirms = False
-        remote = config.dispatch.port is not None and bool(config.dispatch_hosts)
-        endpoints = ([f"tcp://{host}:{config.dispatch.port}" for host in config.dispatch_hosts] if remote
-                     else [config.endpoint("dispatch")])
-        for endpoint in endpoints:
+        for endpoint in config.dispatcher_endpoints(config.dispatch.port is not None and bool(config.dispatch_hosts)):
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 1000)
             sock.setsockopt(zmq.SNDHWM, 10_000)
             sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-            if remote:
-                host, port = endpoint[len("tcp://"):].rsplit(":", 1)
-                connect_curve_client(sock, config, int(port), host=host)
-            else:
-                sock.connect(endpoint)
-            self.links.append(DispatcherLink(sock, endpoint))
+            self.links.append(DispatcherLink(sock, connect_endpoint(sock, config, endpoint)))
         if self.pair:
             remote_cfg = config.sockets.remote
             assert remote_cfg is not None and config.publisher.backup_host is not None

@@ -77,6 +77,15 @@ def connect_curve_client(sock: zmq.Socket, config: DaemonConfig, port: int, host
     return endpoint
 
 
+def connect_endpoint(sock: zmq.Socket, config: DaemonConfig, endpoint: str) -> str:
+    """Connect to an endpoint: a tcp:// one (another host) as a Curve client, ipc:// as it is."""
+    if endpoint.startswith("tcp://"):
+        host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+        return connect_curve_client(sock, config, int(port), host=host)
+    sock.connect(endpoint)
+    return endpoint
+
+
 def stop_authenticators() -> None:
     """Stop ZAP threads before the context terminates."""
     for auth in _authenticators.values():

@@ -46,6 +46,33 @@ def drain(ctx: zmq.Context, capture_host, roles: dict, timeout: float = 40.0) ->
     raise AssertionError(f"frames still in flight {timeout:g}s after capture stopped: {flow}")
 
 
+def publisher_gaps(beats: Heartbeats) -> dict:
+    """The leading publisher's gap and late counters (gaps minus late: frames it never saw)."""
+    return {key: beats.counter("publisher", f"iseg_publisher_{metric}_frames_total", camera=CAMERA)
+            for key, metric in (("gaps", "gap"), ("late", "late"))}
+
+
+def close_all(ctx: zmq.Context, subscribers: list, readers: dict) -> None:
+    for sub in [*subscribers, *readers.values()]:
+        sub.close()
+    ctx.term()
+
+
+def assert_every_fault(results: dict) -> None:
+    """Per fault: no frame lost after admission, frames published, the camera whole and on time within
+    5 s; at the end: nothing in flight, nothing lost, no gap at the publisher."""
+    for name, result in results.items():
+        if name == "final":
+            continue
+        assert result["lost"] == 0, f"{name}: a frame was lost after admission: {result}"
+        assert result["published"] > 0, result
+        assert result["failover_s"] is not None and result["failover_s"] <= FAILOVER_LIMIT_S, \
+            f"{name}: the camera was not whole and on time within {FAILOVER_LIMIT_S}s: {result}"
+    final = results["final"]
+    assert final["lost"] == 0 and final["captured"] == final["dropped"] + final["published"], final
+    assert final["gaps"] - final["late"] == 0, f"the publisher saw a gap: {final}"
+
+
 def assert_alerts_once(stores: list[list[dict]], final: list[dict], published: int) -> None:
     """Each frame's alert is in the final leader's store exactly once, and no id names two different
     alerts across the stores (k 1 of 1, no cooldown: one alert per published frame)."""
@@ -86,26 +113,12 @@ def test_worker_faults_lose_nothing_and_fail_over_fast(plant, tiny_model, tmp_pa
             overlays.wait_for_workers(["gpu1.0", "gpu2.0"], 2, timeout=60, alive=alive, since=time.time())
         final = drain(ctx, capture, roles)
         time.sleep(1.5)
-        gaps = readers["pub"].counter("publisher", "iseg_publisher_gap_frames_total", camera=CAMERA)
-        late = readers["pub"].counter("publisher", "iseg_publisher_late_frames_total", camera=CAMERA)
-        results["final"] = {**final, "gaps": gaps, "late": late}
+        results["final"] = {**final, **publisher_gaps(readers["pub"])}
         (tmp_path / "dispatch-worker-faults.json").write_text(json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))
     finally:
-        overlays.close()
-        for reader in readers.values():
-            reader.close()
-        ctx.term()
-    for name, result in results.items():
-        if name == "final":
-            continue
-        assert result["lost"] == 0, f"{name}: a frame was lost after admission: {result}"
-        assert result["published"] > 0, result
-        assert result["failover_s"] is not None and result["failover_s"] <= FAILOVER_LIMIT_S, \
-            f"{name}: the camera was not whole and on time within {FAILOVER_LIMIT_S}s: {result}"
-    final = results["final"]
-    assert final["lost"] == 0 and final["captured"] == final["dropped"] + final["published"], final
-    assert final["gaps"] - final["late"] == 0, f"the publisher saw a gap: {final}"
+        close_all(ctx, [overlays], readers)
+    assert_every_fault(results)
     assert_alerts_once([stored_alerts(pub)], stored_alerts(pub), final["published"])
 
 
@@ -156,25 +169,13 @@ def test_publisher_pair_fails_over_and_fences_without_split_brain(plant, tiny_mo
         assert leader() == ("primary", 3), "the primary did not take the lead back from the killed backup"
         final = drain(ctx, capture, roles)
         time.sleep(1.5)
-        results["final"] = {**final, **{key: readers["pub1"].counter("publisher", f"iseg_publisher_{key}_frames_total",
-                                                                      camera=CAMERA) for key in ("gap", "late")}}
+        results["final"] = {**final, **publisher_gaps(readers["pub1"])}
         (tmp_path / "dispatch-publisher-faults.json").write_text(json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))
     finally:
-        for o in overlays:
-            o.close()
-        for reader in readers.values():
-            reader.close()
-        ctx.term()
-    for name, result in results.items():
-        if name == "final":
-            continue
-        assert result["lost"] == 0, f"{name}: a frame was lost after admission: {result}"
-        assert result["failover_s"] is not None and result["failover_s"] <= FAILOVER_LIMIT_S, \
-            f"{name}: the camera was not whole and on time within {FAILOVER_LIMIT_S}s: {result}"
+        close_all(ctx, overlays, readers)
+    assert_every_fault(results)
     final = results["final"]
-    assert final["lost"] == 0 and final["captured"] == final["dropped"] + final["published"], final
-    assert final["gap"] - final["late"] == 0, f"the leading publisher saw a gap: {final}"
     leader_store, other_store = stored_alerts(primary), stored_alerts(backup)
     assert_alerts_once([leader_store, other_store], leader_store, final["published"])
     published_order = [a["published_ts"] for a in leader_store]
