@@ -19,7 +19,7 @@ class takes events and returns what to send, so its rules are unit-tested on han
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -126,18 +126,14 @@ class DispatchCore:
 
     # -- accounting ----------------------------------------------------------------------------
 
-    def in_flight(self, camera: str) -> int:
-        """Frames of this camera captured and neither dropped, published nor lost yet."""
-        return sum(1 for key in self.frames if key[0] == camera)
-
     def accounting(self) -> dict[str, dict[str, Any]]:
-        """Per camera: captured, dropped, published, resent, lost (total and by reason), in_flight."""
-        out = {}
-        for camera, flow in self.flows.items():
-            out[camera] = {"captured": flow.captured, "dropped": flow.dropped, "published": flow.published,
-                           "resent": flow.resent, "lost": sum(flow.lost.values()), "lost_reasons": dict(flow.lost),
-                           "in_flight": self.in_flight(camera)}
-        return out
+        """Per camera: captured, dropped, published, resent, lost (total and by reason), and in_flight:
+        frames captured and neither dropped, published nor lost yet."""
+        in_flight = Counter(key[0] for key in self.frames)
+        return {camera: {"captured": flow.captured, "dropped": flow.dropped, "published": flow.published,
+                         "resent": flow.resent, "lost": sum(flow.lost.values()), "lost_reasons": dict(flow.lost),
+                         "in_flight": in_flight[camera]}
+                for camera, flow in self.flows.items()}
 
     # -- frames from capture -------------------------------------------------------------------
 

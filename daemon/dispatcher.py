@@ -92,9 +92,11 @@ class Dispatcher:
     # -- inputs ------------------------------------------------------------------------------------
 
     def take_frame(self, frames: list[Any]) -> None:
-        """One frame from a local capture, checked against its schema."""
+        """One frame from a local capture, checked against its schema; kept as [topic, its checked header
+        fields, pixels], so each send only adds the route."""
         frame = self.boundary.frame(frames)
-        self.core.intake(frame.camera, frame.session, frame.seq, frame.ts, frames)
+        header = {**frame.header(), "shape": list(frame.image.shape), "dtype": "uint8"}
+        self.core.intake(frame.camera, frame.session, frame.seq, frame.ts, [frames[0], header, frames[2]])
 
     def read(self, sock: zmq.Socket, name: str, take: Callable[[list[Any]], None]) -> None:
         """Take up to INTAKE_BURST queued messages from a socket; a message that fails its schema is
@@ -173,12 +175,11 @@ class Dispatcher:
     def send_frame(self, peer: bytes, frame: FlightFrame) -> bool:
         """Hand a frame to a worker, tagged with its route (the publisher its result must go to)."""
         assert self.router is not None and frame.route is not None
-        parts = frame.parts
-        header = json.loads(bytes(parts[1].buffer if isinstance(parts[1], zmq.Frame) else parts[1]))
-        header["route"] = {"publisher": frame.route[0], "epoch": frame.route[1], "instance": frame.route[2],
-                           "dispatcher": self.instance, "admitted": frame.admit_seq}
+        topic, checked, pixels = frame.parts
+        header = {**checked, "route": {"publisher": frame.route[0], "epoch": frame.route[1], "instance": frame.route[2],
+                                       "dispatcher": self.instance, "admitted": frame.admit_seq}}
         try:
-            self.router.send_multipart([peer, parts[0], encode_header(header), parts[2]], zmq.NOBLOCK, copy=False)
+            self.router.send_multipart([peer, topic, encode_header(header), pixels], zmq.NOBLOCK, copy=False)
             return True
         except zmq.ZMQError:
             return False
@@ -190,8 +191,9 @@ class Dispatcher:
                 name = self.core.worker_unreachable(peer, frame)
                 self.log.warning("worker %s unreachable; its frames go to the others", name or "?")
 
-    def housekeeping(self, now: float) -> None:
-        """Heartbeats to workers, timeouts, lost frames, metrics (every dispatch.heartbeat_ms)."""
+    def housekeeping(self, now: float, heartbeat: Heartbeat) -> None:
+        """Heartbeats to workers, timeouts, lost frames, metrics and this role's state for the supervisor
+        (every dispatch.heartbeat_ms)."""
         if now < self.next_beat:
             return
         self.next_beat = now + self.settings.heartbeat_ms / 1000
@@ -204,6 +206,9 @@ class Dispatcher:
                              name, self.settings.worker_timeout_ms)
         self.record.write(lost, self.instance)
         self.export()
+        leader = self.core.leader
+        heartbeat.update(workers=len(self.core.workers), in_flight=len(self.core.frames),
+                         leader=leader.name if leader else "", epoch=leader.epoch if leader else 0)
 
     def export(self) -> None:
         """Counters to the metrics registry (one process, one snapshot: the accounting adds up in it)."""
@@ -276,11 +281,8 @@ def run_dispatcher(config: DaemonConfig, stop: StopFlag) -> int:
             if router in events:
                 dispatcher.read(router, "dispatch", lambda frames: dispatcher.take_peer(frames, now))
             dispatcher.pump(now)
-            dispatcher.housekeeping(now)
+            dispatcher.housekeeping(now, heartbeat)
             heartbeat.progress()
-            heartbeat.update(workers=len(dispatcher.core.workers), in_flight=len(dispatcher.core.frames),
-                             leader=dispatcher.core.leader.name if dispatcher.core.leader else "",
-                             epoch=dispatcher.core.leader.epoch if dispatcher.core.leader else 0)
         dispatcher.record.write(dispatcher.core.shutdown(), dispatcher.instance)
         dispatcher.export()
         log.info("dispatcher stopped (%s)", stop.signal_name or "done")

@@ -133,7 +133,6 @@ class Publisher:
         self.epoch = saved.get("epoch") if type(saved.get("epoch")) is int and saved.get("epoch") > 0 else 0
         self.unacked: list[tuple[str, str, int]] = []
         self.replicate: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None
-        self._replicated = False
         self.replica: dict[str, Any] = saved
         first_id = saved.get("next_alert_id")
         self.store = AlertStore(config.state_path / "alerts.sqlite3", log,
@@ -173,9 +172,6 @@ class Publisher:
         self.done.add(*key)
         self._handle(result, pub)
         self.unacked.append(key)
-        if self.replicate is not None and not self._replicated:
-            self.replicate(self.state_document(), [])
-        self._replicated = False
 
     def due_acks(self) -> list[tuple[str, str, int]]:
         """Frames to acknowledge now: all handled ones once the alert store has committed their alerts
@@ -210,7 +206,6 @@ class Publisher:
 
     def _handle(self, result: Result, pub: zmq.Socket) -> None:
         camera, seq = result.camera, result.seq
-        self._replicated = False
         labels_c = {"camera": camera}
         if result.dispatch is not None:
             change = self.tracker.gaps(camera, result.dispatch[0], result.dispatch[1])
@@ -222,7 +217,7 @@ class Publisher:
             self.metrics.inc("iseg_publisher_late_frames_total", -change, **labels_c)
         if not result.ok:
             self.metrics.inc("iseg_publisher_failed_frames_total", **labels_c)
-            self.save_state()
+            self._commit([])
             return
         frame, labels = result.frame, result.labels
         classes, flagged, presence, thresholds = list(result.classes), list(result.flagged), result.presence, result.thresholds
@@ -247,14 +242,7 @@ class Publisher:
                 "frame_shape": list(frame.shape), "roi": roi}
             self.store.add(alert)
             alerts.append(alert)
-        if alerts and self.replicate is not None:
-            try:
-                self.replicate(self.state_document(), alerts)
-            except LeadLost:
-                for alert in alerts:
-                    self.store.remove(alert["id"])
-                raise
-            self._replicated = True
+        self._commit(alerts)
         for alert in alerts:
             name = alert["class"]
             alert_ids.append(alert["id"])
@@ -262,7 +250,6 @@ class Publisher:
             self.metrics.inc("iseg_alerts_total", camera=camera, **{"class": name})
             self.log.info("ALERT %d camera %s class %s presence %.3f > %.3f (frame %d, %.0f ms after capture)",
                           alert["id"], camera, name, presence[name], thresholds[name], seq, latency_ms)
-        self.save_state()
         common = {**base, "flagged": flagged, "presence": presence, "thresholds": thresholds}
         send(pub, f"overlay.{camera}", {**common, "format": "jpeg"}, [overlay])
         send(pub, f"mask.{camera}", {**common, "format": "png", "classes": classes}, [mask_png])
@@ -290,8 +277,22 @@ class Publisher:
                 "sequences": self.tracker.export(), "done": self.done.export(), "epoch": self.epoch}
 
     def save_state(self) -> None:
-        """Persist the state document (after every result)."""
+        """Persist the state document."""
         self.state.save(self.state_document())
+
+    def _commit(self, alerts: list[dict[str, Any]]) -> None:
+        """After every result, before its alerts are published: the state document, built once, goes to
+        the follower with the alerts (a pair) and to disk. A lead lost meanwhile takes the stored alerts
+        back (LeadLost goes on to the caller)."""
+        document = self.state_document()
+        if self.replicate is not None:
+            try:
+                self.replicate(document, alerts)
+            except LeadLost:
+                for alert in alerts:
+                    self.store.remove(alert["id"])
+                raise
+        self.state.save(document)
 
     def maintain(self) -> str:
         """Retry writing held alerts and update the storage metrics; returns why the publisher is

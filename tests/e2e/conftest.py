@@ -42,26 +42,31 @@ def merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def fast_config(state_dir: str, model_dir: Path, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A fast test config (synthetic camera, size 128, 4 fps, one worker) with `changes` deep-merged in."""
+    base = {
+        "state_dir": state_dir,
+        "engine": {"model_dir": str(model_dir), "settings": {"size": 128, "iters": 3, "cluster": False,
+                                                             "bg_context": "metal surface, background"}},
+        "worker": {"count": 1, "batch_size": 2, "max_wait_ms": 30, "torch_threads": 1},
+        "cameras": [{"id": "belt1", "source": "synthetic", "fps": 4, "classes": ["scratch", "dent"],
+                     "bg_context": "metal surface, background",
+                     "thresholds": {"scratch": 0.0, "dent": 1.0},
+                     "synthetic": {"seed": 3, "width": 160, "height": 120}}],
+        "alerts": {"k": 2, "n": 3, "cooldown_s": 1.0},
+        "recorder": {"min_free_mb": 1, "retention_days": 1},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "supervisor": {"heartbeat_timeout_s": 6, "stop_timeout_s": 20, "restart_backoff_s": 0.2},
+    }
+    return merge(base, changes or {})
+
+
 @pytest.fixture
 def make_config(tmp_path: Path, tiny_model: Path) -> Callable[..., Path]:
-    """Write a fast test config (synthetic camera, size 128, fast fps) with overrides; returns its path."""
+    """Write `fast_config` with overrides under the test's tmp dir; returns its path."""
     def write(changes: dict[str, Any] | None = None, name: str = "config.yaml") -> Path:
-        base = {
-            "state_dir": str(tmp_path / "state"),
-            "engine": {"model_dir": str(tiny_model), "settings": {"size": 128, "iters": 3, "cluster": False,
-                                                                  "bg_context": "metal surface, background"}},
-            "worker": {"count": 1, "batch_size": 2, "max_wait_ms": 30, "torch_threads": 1},
-            "cameras": [{"id": "belt1", "source": "synthetic", "fps": 4, "classes": ["scratch", "dent"],
-                         "bg_context": "metal surface, background",
-                         "thresholds": {"scratch": 0.0, "dent": 1.0},
-                         "synthetic": {"seed": 3, "width": 160, "height": 120}}],
-            "alerts": {"k": 2, "n": 3, "cooldown_s": 1.0},
-            "recorder": {"min_free_mb": 1, "retention_days": 1},
-            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-            "supervisor": {"heartbeat_timeout_s": 6, "stop_timeout_s": 20, "restart_backoff_s": 0.2},
-        }
         path = tmp_path / name
-        path.write_text(yaml.safe_dump(merge(base, changes or {})))
+        path.write_text(yaml.safe_dump(fast_config(str(tmp_path / "state"), tiny_model, changes)))
         return path
     return write
 

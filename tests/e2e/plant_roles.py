@@ -27,7 +27,7 @@ from typing import Any, Callable
 import yaml
 import zmq
 
-from conftest import merge
+from conftest import fast_config, merge
 from daemon.security import generate_keys
 from netns import Host
 
@@ -48,26 +48,18 @@ def write_keys(directory: Path) -> Path:
 
 def _document(model_dir: Path, keys: Path, results_host: Host, fps: float, frames_hwm: int,
               batch_size: int) -> dict[str, Any]:
-    """What every plant config shares: one synthetic camera, the fast tiny-model settings of the e2e
-    tests, per-role state dirs from the environment (see `role_env`), Curve keys, results on
-    `results_host`. Every frame flags `scratch` and every flagged frame alerts (k 1 of 1, no
-    cooldown), so alerts map one to one onto published frames."""
-    return {
-        "state_dir": "${ISEG_STATE_DIR}",
-        "engine": {"model_dir": str(model_dir), "settings": {"size": 128, "iters": 3, "cluster": False,
-                                                             "bg_context": "metal surface, background"}},
-        "worker": {"count": 0, "batch_size": batch_size, "max_wait_ms": 30, "torch_threads": 1},
-        "cameras": [{"id": CAMERA, "source": "synthetic", "fps": fps, "classes": ["scratch", "dent"],
-                     "bg_context": "metal surface, background", "thresholds": {"scratch": 0.0, "dent": 1.0},
-                     "synthetic": {"seed": 3, "width": 160, "height": 120}}],
-        "alerts": {"k": 2, "n": 3, "cooldown_s": 1.0},
-        "recorder": {"min_free_mb": 1, "retention_days": 1},
+    """What every plant config shares: the e2e tests' fast config (`fast_config`) with no local worker,
+    per-role state dirs and per-host run dirs from the environment (see `role_env`), Curve keys,
+    results on `results_host`."""
+    document = fast_config("${ISEG_STATE_DIR}", model_dir, {
+        "worker": {"count": 0, "batch_size": batch_size},
         "sockets": {"run_dir": "${ISEG_RUN_DIR}", "frames_hwm": frames_hwm,
                     "remote": {"host": results_host.ip, "bind_host": "0.0.0.0", "results_port": RESULTS_PORT,
                                "server_key": str(keys / "server.key_secret"),
                                "client_key": str(keys / "client.key_secret"),
-                               "authorized_clients_dir": str(keys / "authorized")}},
-    }
+                               "authorized_clients_dir": str(keys / "authorized")}}})
+    document["cameras"][0]["fps"] = fps
+    return document
 
 
 def write_plant_config(path: Path, model_dir: Path, keys: Path, main: Host, fps: float = 6.0, frames_hwm: int = 1,
@@ -92,8 +84,9 @@ def write_dispatch_config(path: Path, model_dir: Path, keys: Path, capture: Host
                           changes: dict[str, Any] | None = None) -> Path:
     """The one config of every host with credit-based dispatch: `cameras` synthetic cameras, the
     dispatcher on `capture` (workers and publishers reach it on DISPATCH_PORT), the primary publisher
-    on `primary`, a backup on `backup`. Dispatch and takeover timings are the defaults; `changes` are
-    deep-merged in."""
+    on `primary`, a backup on `backup`. Dispatch and takeover timings are the defaults. Every frame
+    flags `scratch` and alerts (k 1 of 1, no cooldown), so alerts map one to one onto published
+    frames; `changes` are deep-merged in."""
     document = _document(model_dir, keys, primary, fps, 1, batch_size)
     template = document["cameras"][0]
     document["cameras"] = [{**template, "id": camera, "synthetic": {**template["synthetic"], "seed": 3 + i}}

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from conftest import Daemon, free_port, iseg
+from conftest import Daemon, fast_config, free_port, iseg
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -60,20 +60,9 @@ class Console:
 def console(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     root = tmp_path_factory.mktemp("console")
     port = free_port()
-    settings = {
-        "state_dir": str(root / "state"),
-        "engine": {"model_dir": str(tiny_model), "settings": {"size": 128, "iters": 3, "cluster": False,
-                                                              "bg_context": "metal surface, background"}},
-        "worker": {"count": 1, "batch_size": 2, "max_wait_ms": 30, "torch_threads": 1},
-        "cameras": [{"id": "belt1", "source": "synthetic", "fps": 4, "classes": ["scratch", "dent"],
-                     "bg_context": "metal surface, background", "thresholds": {"scratch": 0.0, "dent": 1.0},
-                     "synthetic": {"seed": 3, "width": 160, "height": 120}}],
-        "alerts": {"k": 2, "n": 3, "cooldown_s": 2.0},
-        "recorder": {"min_free_mb": 1, "retention_days": 1},
-        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-        "supervisor": {"heartbeat_timeout_s": 10, "stop_timeout_s": 20, "restart_backoff_s": 0.2},
-        "console": {"enabled": True, "listen": f"127.0.0.1:{port}", "login_attempts_per_minute": 3},
-    }
+    settings = fast_config(str(root / "state"), tiny_model, {
+        "alerts": {"cooldown_s": 2.0}, "supervisor": {"heartbeat_timeout_s": 10},
+        "console": {"enabled": True, "listen": f"127.0.0.1:{port}", "login_attempts_per_minute": 3}})
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(settings))
     for (name, password), role in ((OPERATOR, "operator"), (VIEWER, "viewer")):

@@ -41,22 +41,11 @@ def fuzzed(tmp_path_factory, tiny_model):
     """One daemon shared by the socket fuzz tests (they run in file order; the frozen worker is last)."""
     import yaml
 
-    from conftest import free_port
+    from conftest import fast_config
 
     tmp = tmp_path_factory.mktemp("fuzz")
     config = tmp / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "state_dir": str(tmp / "state"),
-        "engine": {"model_dir": str(tiny_model), "settings": {"size": 128, "iters": 3, "cluster": False,
-                                                              "bg_context": "metal surface, background"}},
-        "worker": {"count": 1, "batch_size": 2, "max_wait_ms": 30, "torch_threads": 1},
-        "cameras": [{"id": "belt1", "source": "synthetic", "fps": 4, "classes": ["scratch", "dent"],
-                     "bg_context": "metal surface, background", "thresholds": {"scratch": 0.0, "dent": 1.0},
-                     "synthetic": {"seed": 3, "width": 160, "height": 120}}],
-        "alerts": {"k": 2, "n": 3, "cooldown_s": 1.0},
-        "recorder": {"min_free_mb": 1, "retention_days": 1},
-        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-        "supervisor": {"heartbeat_timeout_s": 6, "stop_timeout_s": 20, "restart_backoff_s": 0.2}}))
+    config.write_text(yaml.safe_dump(fast_config(str(tmp / "state"), tiny_model)))
     daemon = Daemon(config)
     ctx = zmq.Context()
     try:
